@@ -1,0 +1,259 @@
+"""Propagation: attach a rule to every node and build its symbolic transfer (theory §2).
+
+The pass walks the fx node list (already topological), asks the registry's rules for each node's
+:class:`~curvbound.compiler.context.Transfer`, and writes one frozen :class:`NodeBound` per node
+under ``node.meta[BOUND_KEY]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+from torch import fx, nn
+
+from .context import RuleContext, Transfer, curvature_symbol, lipschitz_symbol
+from .errors import InputError, MissingRule, RuleError, UnsupportedOperationError
+from .registry import Registry, rule_name, rules_for, target_name
+
+__all__ = [
+    "BOUND_KEY",
+    "NodeBound",
+    "Decline",
+    "find_constants",
+    "check_coverage",
+    "propagate",
+]
+
+BOUND_KEY = "curvbound.bound"
+
+#: Ops whose result depends only on the input's shape, never on its values.
+SHAPE_QUERIES = {"size", "dim", "numel", "ndimension", "nelement"}
+SHAPE_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda"}
+
+
+class Decline(Exception):
+    """Raised by a rule to decline a node *with a reason* (returning None declines silently)."""
+
+
+@dataclass(frozen=True)
+class NodeBound:
+    """The bound attached to one node: local sympy expressions in its inputs' symbols."""
+
+    name: str
+    op: str
+    target: str
+    rule: str
+    lipschitz: sympy.Expr
+    curvature: sympy.Expr
+    quantities: tuple[str, ...]
+    certified: bool
+    nonsmooth: bool
+    constant: bool
+    inputs: tuple[str, ...]
+    refs: tuple[str, ...] = ()
+    note: str = ""
+
+
+def _is_shape_query(node: fx.Node) -> bool:
+    if node.op == "call_method" and node.target in SHAPE_QUERIES:
+        return True
+    return (
+        node.op == "call_function"
+        and node.target is getattr
+        and len(node.args) > 1
+        and node.args[1] in SHAPE_ATTRS
+    )
+
+
+def find_constants(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes whose values do not depend on the values of the network input."""
+    constants: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or node.op == "output":
+            continue
+        if node.op == "get_attr" or _is_shape_query(node):
+            constants.add(node)
+            continue
+        if all(i in constants for i in node.all_input_nodes):
+            constants.add(node)
+    return constants
+
+
+def _describe_target(node: fx.Node, root: nn.Module) -> tuple[str, str | None, str]:
+    """(target name, module path, ready-to-paste registration hint)."""
+    if node.op == "call_module":
+        cls = type(root.get_submodule(node.target))
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        key = f"{cls.__module__}.{cls.__qualname__}"
+        path = node.target
+    elif node.op == "call_method":
+        name, key, path = f"method '{node.target}'", repr(node.target), None
+    else:
+        name = target_name(node.target)
+        key, path = name, None
+    raw = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "my")
+    fn = "".join(c if c.isalnum() else "_" for c in raw.split(".")[-1]).strip("_").lower()
+    hint = (
+        f"import curvbound\n"
+        f"@curvbound.rule({key})\n"
+        f"def {fn or 'my'}_rule(node, ctx):\n"
+        f"    # elementwise smooth map:  return curvbound.rules.elementwise(slope=..., "
+        f"curvature=...)(node, ctx)\n"
+        f"    # linear map (bias-free f): return ctx.linear(lambda x: f(x))\n"
+        f"    ..."
+    )
+    return name, path, hint
+
+
+def check_coverage(
+    gm: fx.GraphModule, registry: Registry, constants: set[fx.Node]
+) -> list[MissingRule]:
+    """Every input-dependent call node without a candidate rule (the pre-flight check)."""
+    missing: list[MissingRule] = []
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module") or node in constants:
+            continue
+        if not rules_for(node, gm, registry):
+            name, path, hint = _describe_target(node, gm)
+            missing.append(MissingRule(node.name, node.op, name, path, hint))
+    return missing
+
+
+def _has_inf(expr: sympy.Expr) -> bool:
+    return expr.has(sympy.oo) or expr.has(sympy.zoo)
+
+
+def propagate(
+    gm: fx.GraphModule,
+    registry: Registry,
+    *,
+    method: str,
+    norms: str,
+    constants: set[fx.Node],
+) -> tuple[dict[fx.Node, Transfer], dict[fx.Node, str], fx.Node]:
+    """Compute every node's transfer; returns (transfers, rule names, the output's value node)."""
+    transfers: dict[fx.Node, Transfer] = {}
+    rules: dict[fx.Node, str] = {}
+    declined: list[MissingRule] = []
+    zero = sympy.Integer(0)
+    out_node: fx.Node | None = None
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if node is not placeholders[0]:
+                raise InputError(
+                    f"the model's forward takes more than one input ('{node.name}'); curvbound "
+                    "bounds maps of one tensor. Wrap the model so that forward(x) takes one tensor."
+                )
+            transfers[node], rules[node] = Transfer(sympy.Integer(1), zero), "input"
+            continue
+        if node.op == "output":
+            out = node.args[0]
+            if not isinstance(out, fx.Node):
+                raise InputError(
+                    f"the model returns {type(out).__name__} (e.g. a tuple of tensors); curvbound "
+                    "bounds a map to one tensor. Wrap the model to return the tensor to bound."
+                )
+            if out in constants:
+                raise InputError("the model's output does not depend on its input")
+            out_node = out
+            continue
+        if node in constants:
+            transfers[node], rules[node] = Transfer(zero, zero), "constant"
+            continue
+        ctx = RuleContext(
+            node, gm, method=method, norms=norms, transfers=transfers, constants=constants
+        )
+        result, reasons = None, []
+        for fn in rules_for(node, gm, registry):
+            try:
+                result = fn(node, ctx)
+            except Decline as d:
+                reasons.append(f"{rule_name(fn)}: {d}")
+                result = None
+            except Exception as exc:
+                raise RuleError(
+                    f"rule {rule_name(fn)} failed on node '{node.name}' ({node.op} "
+                    f"{_describe_target(node, gm)[0]}): {type(exc).__name__}: {exc}"
+                ) from exc
+            if result is not None:
+                rules[node] = rule_name(fn)
+                break
+        if result is None:
+            name, path, hint = _describe_target(node, gm)
+            why = "; ".join(reasons) if reasons else "every candidate rule declined it"
+            declined.append(MissingRule(node.name, node.op, name, path, hint, reason=why))
+            transfers[node] = Transfer(sympy.oo, sympy.oo)
+            continue
+        if _has_inf(result.curvature) or result.nonsmooth:
+            result = Transfer(
+                result.lipschitz,
+                sympy.oo,
+                result.quantities,
+                result.operator,
+                result.source,
+                nonsmooth=result.nonsmooth or _own_nonsmooth(result, ctx),
+                note=result.note,
+            )
+        transfers[node] = result
+    if declined:
+        raise UnsupportedOperationError(declined)
+    assert out_node is not None
+    return transfers, rules, out_node
+
+
+def _own_nonsmooth(result: Transfer, ctx: RuleContext) -> bool:
+    """True when the node itself (not an input) makes the curvature infinite."""
+    return not any(ctx.M(i) == sympy.oo for i in ctx.tensor_inputs())
+
+
+def node_bounds(
+    gm: fx.GraphModule,
+    transfers: dict[fx.Node, Transfer],
+    rules: dict[fx.Node, str],
+    constants: set[fx.Node],
+) -> None:
+    """Write one frozen :class:`NodeBound` per node under ``node.meta[BOUND_KEY]``."""
+    names = {n.name for n in gm.graph.nodes}
+    for node in gm.graph.nodes:
+        t = transfers.get(node)
+        if t is None:
+            continue
+        syms = t.lipschitz.free_symbols | t.curvature.free_symbols
+        refs = sorted({s.name[2:] for s in syms if s.name[:2] in ("L_", "M_")} & names)
+        node.meta[BOUND_KEY] = NodeBound(
+            name=node.name,
+            op=node.op,
+            target=_describe_target(node, gm)[0] if node.op.startswith("call") else str(node.target),
+            rule=rules[node],
+            lipschitz=t.lipschitz,
+            curvature=t.curvature,
+            quantities=tuple(str(s) for s in t.quantities),
+            certified=all(q.certified for q in t.quantities.values()),
+            nonsmooth=t.nonsmooth,
+            constant=node in constants,
+            inputs=tuple(i.name for i in node.all_input_nodes if i not in constants),
+            refs=tuple(refs),
+            note=t.note,
+        )
+
+
+def full_expressions(
+    gm: fx.GraphModule, out: fx.Node
+) -> tuple[dict[str, sympy.Expr], dict[str, sympy.Expr]]:
+    """Each node's bounds as expressions of quantity symbols only (inputs substituted)."""
+    full_l: dict[str, sympy.Expr] = {}
+    full_m: dict[str, sympy.Expr] = {}
+    for node in gm.graph.nodes:
+        nb: NodeBound | None = node.meta.get(BOUND_KEY)
+        if nb is None:
+            continue
+        subs = {}
+        for name in nb.refs:
+            subs[lipschitz_symbol(name)] = full_l[name]
+            subs[curvature_symbol(name)] = full_m[name]
+        full_l[node.name] = nb.lipschitz.xreplace(subs)
+        full_m[node.name] = nb.curvature.xreplace(subs)
+    return full_l, full_m
+

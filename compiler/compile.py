@@ -1,0 +1,88 @@
+"""``curvbound.compile``: trace → checks → passes → rules → symbolic assembly → code generation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..passes.checks import check_example_input, check_model_state
+from ..runtime.bound_function import BoundFunction
+from ..runtime.norms import MODES
+from . import assemble, codegen
+from .context import METHODS
+from .errors import UnsupportedOperationError
+from .registry import Registry, layered
+from .trace import propagate_shapes, trace
+
+__all__ = ["compile"]
+
+
+def compile(  # noqa: A001 - the public name is fixed by the API
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    method: str = "compositional",
+    norms: str = "estimate",
+    rules: Registry | Mapping[Any, Any] | None = None,
+    refresh: bool = True,
+) -> BoundFunction:
+    """Compile ``model`` into a :class:`~curvbound.runtime.bound_function.BoundFunction`.
+
+    Args:
+        model: an ``nn.Module`` in eval mode whose forward fx can trace.
+        example_input: a batched input the model accepts (fixes shapes; values are not used).
+        method: ``"compositional"`` (block rules and merged linear chains) or ``"naive"``
+            (products of layer norms, per-layer curvature sup|σ''|·‖W‖²).
+        norms: ``"estimate"`` (warm-started power iteration, from below: fast, differentiable)
+            or ``"certified"`` (guaranteed upper bounds in float64).
+        rules: per-call rule overrides, layered on the default registry:
+            ``{target: rule}`` or a :class:`~curvbound.compiler.registry.Registry`.
+        refresh: run power iteration to convergence before returning (estimate mode).
+
+    Raises (before any numeric work where possible):
+        UnsupportedOperationError: nodes without a rule, all of them listed with hints.
+        TracingError, ModelStateError, InputError: untraceable model, train-mode batch norm or
+        NaN weights, an unsuitable example input.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if norms not in MODES:
+        raise ValueError(f"norms must be one of {MODES}, got {norms!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model_state(model)
+    example_input = check_example_input(model, example_input)
+    registry = layered(rules)
+
+    gm = trace(model, registry)
+    constants = assemble.find_constants(gm.graph)
+    missing = assemble.check_coverage(gm, registry, constants)
+    if missing:
+        raise UnsupportedOperationError(missing)
+    propagate_shapes(gm, example_input)
+
+    transfers, rule_names, out = assemble.propagate(
+        gm, registry, method=method, norms=norms, constants=constants
+    )
+    assemble.node_bounds(gm, transfers, rule_names, constants)
+    quantities = {str(s): q for t in transfers.values() for s, q in t.quantities.items()}
+    code, fn = codegen.generate(gm, out)
+    infos = [n.meta[assemble.BOUND_KEY] for n in gm.graph.nodes if assemble.BOUND_KEY in n.meta]
+    bf = BoundFunction(
+        model,
+        gm,
+        quantities,
+        code,
+        fn,
+        method=method,
+        norms=norms,
+        output=out.name,
+        node_info=infos,
+        expr_builder=lambda: assemble.full_expressions(gm, out),
+    )
+    if refresh:
+        bf.refresh()
+    return bf

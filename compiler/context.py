@@ -1,0 +1,213 @@
+"""What a rule returns (:class:`Transfer`) and what it may read (:class:`RuleContext`)."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+import torch
+from torch import fx, nn
+
+from ..runtime.norms import Norm, Quantity
+from ..runtime.operators import Chain, FunctionOperator, LinearOperator
+
+__all__ = ["Transfer", "RuleContext", "METHODS", "lipschitz_symbol", "curvature_symbol"]
+
+#: Methods a rule can be asked to serve (``compile(method=...)``).
+METHODS = ("naive", "compositional")
+
+
+def lipschitz_symbol(name: str) -> sympy.Symbol:
+    return sympy.Symbol(f"L_{name}", nonnegative=True)
+
+
+def curvature_symbol(name: str) -> sympy.Symbol:
+    return sympy.Symbol(f"M_{name}", nonnegative=True)
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """A node's transfer: its bounds as sympy expressions of its inputs' bound symbols.
+
+    ``lipschitz``/``curvature`` use the symbols returned by :meth:`RuleContext.L` and
+    :meth:`RuleContext.M` for the node's inputs and the keys of ``quantities`` (numbers computed at
+    run time, e.g. spectral norms). ``operator`` and ``source`` are set by affine nodes
+    (v = A·source + b) so that a consumer can apply a block rule; ``nonsmooth`` marks nodes whose
+    curvature is infinite.
+    """
+
+    lipschitz: sympy.Expr
+    curvature: sympy.Expr
+    quantities: Mapping[sympy.Symbol, Quantity] = field(default_factory=dict)
+    operator: LinearOperator | None = None
+    source: fx.Node | None = None
+    nonsmooth: bool = False
+    note: str = ""
+
+
+class RuleContext:
+    """Read-only view a rule gets of its node, the model and the transfers computed so far."""
+
+    def __init__(
+        self,
+        node: fx.Node,
+        root: nn.Module,
+        *,
+        method: str,
+        norms: str,
+        transfers: Mapping[fx.Node, Transfer],
+        constants: set[fx.Node],
+    ):
+        self.node, self.root, self.method, self.norms = node, root, method, norms
+        self._transfers, self._constants = transfers, constants
+
+    # -- the node -------------------------------------------------------------------------------
+    @property
+    def module(self) -> nn.Module | None:
+        """The called module, for ``call_module`` nodes."""
+        if self.node.op == "call_module":
+            return self.root.get_submodule(self.node.target)
+        return None
+
+    def arg(self, position: int | None, name: str | None = None, default: Any = None) -> Any:
+        """An argument of the node by position or keyword, with a default."""
+        if name is not None and name in self.node.kwargs:
+            return self.node.kwargs[name]
+        if position is not None and position < len(self.node.args):
+            return self.node.args[position]
+        return default
+
+    def tensor_inputs(self) -> list[fx.Node]:
+        """The node's inputs that depend on the network input, in argument order."""
+        out: list[fx.Node] = []
+        fx.node.map_arg((self.node.args, self.node.kwargs), lambda n: out.append(n) or n)
+        seen: list[fx.Node] = []
+        for n in out:
+            if n not in self._constants and n not in seen:
+                seen.append(n)
+        return seen
+
+    def input(self) -> fx.Node:
+        """The single input-dependent argument (rules for unary ops use this)."""
+        ins = self.tensor_inputs()
+        if len(ins) != 1:
+            raise ValueError(
+                f"expected exactly one input-dependent argument, found {[n.name for n in ins]}"
+            )
+        return ins[0]
+
+    def is_constant(self, value: Any) -> bool:
+        """True for Python numbers and nodes whose value does not depend on the network input."""
+        return not isinstance(value, fx.Node) or value in self._constants
+
+    def shape(self, n: fx.Node | None = None) -> tuple[int, ...]:
+        """Per-sample shape (batch dimension dropped) of a node's tensor value."""
+        meta = (n or self.node).meta.get("tensor_meta")
+        if meta is None or not hasattr(meta, "shape"):
+            raise ValueError(f"node '{(n or self.node).name}' has no tensor shape")
+        return tuple(meta.shape[1:])
+
+    def value(self, n: Any) -> Any:
+        """The concrete value of a constant argument (numbers as is, get_attr tensors live)."""
+        if not isinstance(n, fx.Node):
+            return n
+        if n.op == "get_attr":
+            obj: Any = self.root
+            for part in n.target.split("."):
+                obj = getattr(obj, part)
+            return obj
+        if "constant_value" in n.meta:
+            return n.meta["constant_value"]
+        raise ValueError(f"argument '{n.name}' is not a constant this rule can read")
+
+    # -- the inputs' bounds ---------------------------------------------------------------------
+    def transfer(self, n: fx.Node) -> Transfer:
+        """The transfer already computed for an input node (read-only)."""
+        return self._transfers[n]
+
+    def L(self, n: Any) -> sympy.Expr:
+        """Symbol of an input's Lipschitz bound (0 for constants, the number itself if known)."""
+        if self.is_constant(n):
+            return sympy.Integer(0)
+        t = self._transfers[n]
+        return t.lipschitz if t.lipschitz.is_number else lipschitz_symbol(n.name)
+
+    def M(self, n: Any) -> sympy.Expr:
+        """Symbol of an input's curvature bound (0 for constants, ∞ for non-smooth inputs)."""
+        if self.is_constant(n):
+            return sympy.Integer(0)
+        t = self._transfers[n]
+        return t.curvature if t.curvature.is_number else curvature_symbol(n.name)
+
+    # -- building transfers ---------------------------------------------------------------------
+    def symbol(self, kind: str) -> sympy.Symbol:
+        """A quantity symbol named after this node, e.g. ``norm_fc1``."""
+        return sympy.Symbol(f"{kind}_{self.node.name}", nonnegative=True)
+
+    def norm(self, op: LinearOperator, kind: str = "norm") -> tuple[sympy.Symbol, Norm]:
+        """A spectral-norm quantity of ``op`` in this compile's norm mode, and its symbol."""
+        seed = abs(hash((self.node.name, kind))) % (2**31)
+        return self.symbol(kind), Norm(op, self.norms, seed=seed, label=op.describe())
+
+    def dense(self, weight: Callable[[], torch.Tensor], source: fx.Node | None = None) -> Transfer:
+        """Transfer of v = W·source + b for a live weight getter (a user's linear layer).
+
+        Unlike a plain function, a dense weight exposes its rows, so a following activation can
+        use the row-norm block rule.
+        """
+        from ..runtime.operators import Dense
+
+        source = source if source is not None else self.input()
+        return self.linear(Dense(weight, self.shape(source), self.shape(), self.node.name), source)
+
+    def linear(
+        self,
+        op: LinearOperator | Callable[[torch.Tensor], torch.Tensor],
+        source: fx.Node | None = None,
+        *,
+        norm: float | sympy.Expr | None = None,
+    ) -> Transfer:
+        """Transfer of an affine node v = A(source) + b: L_v = ‖A‖·L_s, M_v = ‖A‖·M_s.
+
+        ``op`` is a :class:`LinearOperator` or a bias-free linear function of the batched input.
+        Pass ``norm`` when ‖A‖ is a known exact constant (no quantity is created). With
+        ``method="compositional"`` a chain of affine nodes is merged: the norm is that of the
+        composed map, which is often far below the product of the parts' norms.
+        """
+        source = source if source is not None else self.input()
+        if not isinstance(op, LinearOperator):
+            op = FunctionOperator(op, self.shape(source), self.shape(), label=self.node.name)
+        ops: list[LinearOperator] = [op]
+        src = source
+        merged = False
+        if self.method != "naive":
+            prev = self._transfers.get(source)
+            if prev is not None and prev.operator is not None and prev.source is not None:
+                inner = prev.operator
+                ops = [*(inner.ops if isinstance(inner, Chain) else [inner]), op]
+                src, merged = prev.source, True
+        chain = Chain.of(ops) if merged else op
+        if merged and op.isometric:  # a reshape after an affine chain: same norm, no new quantity
+            return Transfer(prev.lipschitz, prev.curvature, {}, chain, src, note=prev.note)
+        if norm is not None and not merged:
+            n = sympy.sympify(norm)
+            return Transfer(n * self.L(src), n * self.M(src), {}, chain, src)
+        if merged and isinstance(chain, Chain) and not chain.core:
+            n = sympy.Integer(1)
+            return Transfer(n * self.L(src), n * self.M(src), {}, chain, src)
+        sym, q = self.norm(chain)
+        note = f"merged: {chain.describe()}" if merged else ""
+        return Transfer(sym * self.L(src), sym * self.M(src), {sym: q}, chain, src, note=note)
+
+
+def is_reduction_free_getitem(node: fx.Node) -> bool:
+    """True when ``x[idx]`` keeps the batch dimension whole (idx starts with ':' or '...')."""
+    if node.target is not operator.getitem:
+        return False
+    idx = node.args[1]
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    first = idx[0] if idx else slice(None)
+    return first is Ellipsis or first == slice(None, None, None)

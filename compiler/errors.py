@@ -1,0 +1,78 @@
+"""Exceptions raised by curvbound.
+
+Every error names the node, op or input at fault and says what to do about it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "CurvboundError",
+    "UnsupportedOperationError",
+    "MissingRule",
+    "TracingError",
+    "ModelStateError",
+    "InputError",
+    "RuleError",
+    "NonSmoothError",
+]
+
+
+class CurvboundError(Exception):
+    """Base class of every error curvbound raises on purpose."""
+
+
+@dataclass(frozen=True)
+class MissingRule:
+    """One node that no registered rule covers."""
+
+    node: str
+    op: str
+    target: str
+    module_path: str | None
+    hint: str
+    reason: str = "no rule is registered for it"
+
+    def describe(self) -> str:
+        where = f" (module path '{self.module_path}')" if self.module_path else ""
+        return (
+            f"- node '{self.node}': {self.op} {self.target}{where}: {self.reason}.\n"
+            + "\n".join("      " + line for line in self.hint.splitlines())
+        )
+
+
+class UnsupportedOperationError(CurvboundError):
+    """Raised before any numeric work when some nodes have no transfer rule.
+
+    ``missing`` lists every uncovered node, not just the first one.
+    """
+
+    def __init__(self, missing: list[MissingRule]):
+        self.missing = list(missing)
+        lines = [
+            f"curvbound has no transfer rule for {len(self.missing)} node(s) of this model; "
+            "nothing was computed. Register a rule for each (see docs/writing_rules.md):"
+        ]
+        lines += [m.describe() for m in self.missing]
+        super().__init__("\n".join(lines))
+
+
+class TracingError(CurvboundError):
+    """torch.fx could not trace the model."""
+
+
+class ModelStateError(CurvboundError):
+    """The model is in a state whose map is not a fixed function (train mode, NaN weights...)."""
+
+
+class InputError(CurvboundError):
+    """The example input does not fit the model, or the model's input/output is not supported."""
+
+
+class RuleError(CurvboundError):
+    """A transfer rule raised; the original exception is chained and the node is named."""
+
+
+class NonSmoothError(CurvboundError):
+    """A curvature bound was requested explicitly for a model that is not C¹."""

@@ -1,0 +1,180 @@
+"""The rule registry: one route for registering transfer rules, keyed by torch target.
+
+A *rule* is a small pure function ``rule(node, ctx) -> Transfer | None``. It reads its fx node and a
+read-only :class:`~curvbound.compiler.context.RuleContext` and returns the node's transfer (its
+Lipschitz and curvature bound as sympy expressions of its inputs' bounds), or ``None`` to decline and
+let the next candidate answer.
+
+Keys are normalised first (:func:`lookup_key`): ``call_function`` nodes by the callable,
+``call_method`` nodes by the method name, ``call_module`` nodes by the module class, looked up along
+its MRO. A subclass that overrides ``forward`` does not inherit its parent's rule: it is traced into,
+or reported as uncovered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+__all__ = ["Registry", "DEFAULT_REGISTRY", "rule", "lookup_key", "rule_name", "layered"]
+
+Rule = Callable[..., Any]
+
+
+def rule_name(fn: Rule) -> str:
+    """Qualified name of a rule, as shown in tables and generated code."""
+    mod = getattr(fn, "__module__", "") or ""
+    mod = mod.replace("curvbound.passes.rules.", "")
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", repr(fn))
+    return f"{mod}.{name}" if mod else name
+
+
+def target_name(target: Any) -> str:
+    """Readable name of a key: ``torch.tanh``, ``'tanh'`` (method), ``torch.nn.Linear``."""
+    if isinstance(target, str):
+        return f"method '{target}'"
+    if isinstance(target, type):
+        return f"{target.__module__}.{target.__qualname__}"
+    mod = getattr(target, "__module__", None)
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None)
+    if name and name.startswith("_VariableFunctionsClass."):
+        return "torch." + name.split(".", 1)[1]
+    if mod and name:
+        mod = {"torch._C._nn": "torch.nn.functional", "_operator": "operator"}.get(mod, mod)
+        if mod.startswith("torch._C._VariableFunctions") or mod == "torch._C":
+            mod = "torch"
+        return f"{mod}.{name}"
+    return repr(target)
+
+
+class Registry:
+    """Transfer rules keyed by torch target, with an optional parent layered underneath.
+
+    Example:
+        >>> import torch
+        >>> from curvbound.compiler.registry import Registry
+        >>> reg = Registry()
+        >>> @reg.register(torch.nn.Tanh, torch.tanh, "tanh")
+        ... def my_tanh(node, ctx):
+        ...     return None
+        >>> reg.has(torch.nn.Tanh), reg.has("tanh"), reg.has(torch.nn.ReLU)
+        (True, True, False)
+    """
+
+    def __init__(self, parent: Registry | None = None):
+        self._rules: dict[Any, list[Rule]] = {}
+        self.parent = parent
+
+    def register(self, *targets: Any) -> Callable[[Rule], Rule]:
+        """Decorator registering ``fn`` for every target in ``targets`` (stacked alias keys)."""
+        if not targets:
+            raise TypeError("register() needs at least one target (module class, function or method)")
+
+        def deco(fn: Rule) -> Rule:
+            for t in targets:
+                self._rules.setdefault(t, []).insert(0, fn)  # latest registration is tried first
+            return fn
+
+        return deco
+
+    def add(self, target: Any, fn: Rule) -> None:
+        """Register ``fn`` for one target (non-decorator form)."""
+        self.register(target)(fn)
+
+    def candidates(self, key: Any) -> list[Rule]:
+        """Rules for ``key``: own registrations first, then the parent's."""
+        own = list(self._rules.get(key, ()))
+        return own + (self.parent.candidates(key) if self.parent is not None else [])
+
+    def has(self, key: Any) -> bool:
+        return bool(self.candidates(key))
+
+    def keys(self) -> set[Any]:
+        keys = set(self._rules)
+        if self.parent is not None:
+            keys |= self.parent.keys()
+        return keys
+
+    def module_rules(self, cls: type) -> list[Rule]:
+        """Rules for a module class along its MRO, stopping where ``forward`` was overridden."""
+        for klass in cls.__mro__:
+            if klass is nn.Module or klass is object:
+                break
+            found = self.candidates(klass)
+            if found:
+                if klass is cls or _same_forward(cls, klass):
+                    return found
+                return []
+        return []
+
+    def catalogue(self) -> dict[str, list[str]]:
+        """``{target name: [rule names]}`` for every key, for docs and coverage tests."""
+        return {target_name(k): [rule_name(r) for r in self.candidates(k)] for k in self.keys()}
+
+
+def _same_forward(cls: type, parent: type) -> bool:
+    return getattr(cls, "forward", None) is getattr(parent, "forward", None)
+
+
+DEFAULT_REGISTRY = Registry()
+
+
+def rule(*targets: Any, registry: Registry | None = None) -> Callable[[Rule], Rule]:
+    """Register a transfer rule in the default registry (or ``registry``).
+
+    Example:
+        >>> import torch, curvbound
+        >>> class Swish(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return x * torch.sigmoid(x)
+        >>> @curvbound.rule(Swish)
+        ... def swish(node, ctx):
+        ...     return curvbound.rules.elementwise(slope=1.0998, curvature=0.5)(node, ctx)
+        >>> curvbound.compiler.registry.DEFAULT_REGISTRY.has(Swish)
+        True
+    """
+    return (registry or DEFAULT_REGISTRY).register(*targets)
+
+
+def layered(overrides: Registry | Mapping[Any, Rule | Iterable[Rule]] | None) -> Registry:
+    """The registry for one ``compile`` call: per-call overrides on top of the default registry."""
+    if overrides is None:
+        return DEFAULT_REGISTRY
+    if isinstance(overrides, Registry):
+        top = Registry(parent=DEFAULT_REGISTRY)
+        for k in overrides.keys():
+            for fn in reversed(overrides.candidates(k)):
+                top.add(k, fn)
+        return top
+    top = Registry(parent=DEFAULT_REGISTRY)
+    for k, fns in overrides.items():
+        for fn in [fns] if callable(fns) else list(fns)[::-1]:
+            top.add(k, fn)
+    return top
+
+
+def lookup_key(node: fx.Node, root: nn.Module) -> Any:
+    """The registry key of a node: the callable, the method name, or the module class."""
+    if node.op == "call_function":
+        return node.target
+    if node.op == "call_method":
+        return node.target
+    if node.op == "call_module":
+        return type(root.get_submodule(node.target))
+    return None
+
+
+def rules_for(node: fx.Node, root: nn.Module, registry: Registry) -> list[Rule]:
+    """Candidate rules for a node, most specific first."""
+    key = lookup_key(node, root)
+    if key is None:
+        return []
+    if node.op == "call_module":
+        return registry.module_rules(key)
+    found = registry.candidates(key)
+    if not found and node.op == "call_function" and isinstance(key, torch._ops.OpOverload):
+        found = registry.candidates(key.overloadpacket)
+    return found

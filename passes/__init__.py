@@ -1,0 +1,1 @@
+"""Analysis and transformation passes; the transfer rules live in :mod:`.rules`."""

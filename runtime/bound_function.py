@@ -1,0 +1,258 @@
+"""The compiled bound: an ``nn.Module`` running generated code over live model parameters."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import networkx as nx
+import sympy
+import torch
+from torch import Tensor, fx, nn
+
+from .norms import Norm, Quantity
+
+__all__ = ["Bounds", "BoundFunction"]
+
+
+@dataclass
+class Bounds:
+    """Bounds for the map input → output (ℓ2 norms).
+
+    ``lipschitz`` and ``curvature`` are 0-dim tensors (``inf`` curvature for non-C¹ models);
+    ``certified`` is True exactly when every number that entered them is a guaranteed bound;
+    ``nodes`` maps each node name to its (L, M) pair.
+    """
+
+    lipschitz: Tensor
+    curvature: Tensor
+    certified: bool
+    nodes: dict[str, tuple[Tensor, Tensor]] = field(repr=False, default_factory=dict)
+
+    def __iter__(self):
+        return iter((self.lipschitz, self.curvature))
+
+    def __repr__(self) -> str:
+        kind = "certified" if self.certified else "estimated"
+        return (
+            f"Bounds(lipschitz={float(self.lipschitz.detach()):.6g}, "
+            f"curvature={float(self.curvature.detach()):.6g}, "
+            f"{kind})"
+        )
+
+
+class BoundFunction(nn.Module):
+    """A model's compiled Lipschitz/curvature bound. Create it with :func:`curvbound.compile`.
+
+    Calling it (``bf()``) evaluates the generated code on the model's *live* parameters, so an
+    optimiser step is reflected without recompiling and gradients flow into the parameters
+    (``norms="estimate"``). Power-iteration vectors are buffers (``state_dict()``), advanced by
+    :meth:`refresh` or by ``bf(refresh=k)``; calling ``bf()`` never advances them by itself.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        gm: fx.GraphModule,
+        quantities: dict[str, Quantity],
+        code: str,
+        fn: Callable,
+        *,
+        method: str,
+        norms: str,
+        output: str,
+        node_info: list,
+        expr_builder: Callable[[], tuple[dict, dict]],
+    ):
+        super().__init__()
+        object.__setattr__(self, "_model", model)  # not a submodule: its weights stay the user's
+        self.quantities = nn.ModuleDict(quantities)
+        self.code, self._fn = code, fn
+        self.method, self.norms, self.output = method, norms, output
+        object.__setattr__(self, "gm", gm)  # the traced graph; shares the model's weights
+        self._node_info = node_info
+        self._expr_builder = expr_builder
+        self._full: tuple[dict, dict] | None = None
+        self._last: Bounds | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def forward(self, refresh: int = 0) -> Bounds:
+        """Evaluate the bounds; ``refresh=k`` first advances every power iteration by k steps."""
+        if refresh:
+            self.refresh(refresh)
+        q = {k: v for k, v in self.quantities.items()}
+        L, M, nodes = self._fn(q)
+        L, M = _tensor(L), _tensor(M)
+        nodes = {k: (_tensor(a), _tensor(b)) for k, (a, b) in nodes.items()}
+        out = Bounds(L, M, self.certified, nodes)
+        self._last = Bounds(
+            L.detach(), M.detach(), out.certified, {k: (a.detach(), b.detach()) for k, (a, b) in nodes.items()}
+        )
+        return out
+
+    @property
+    def certified(self) -> bool:
+        """True when every quantity is a guaranteed bound (``norms="certified"``)."""
+        return all(q.certified for q in self.quantities.values())
+
+    @torch.no_grad()
+    def refresh(self, steps: int | None = None, *, tol: float = 1e-6, max_steps: int = 2000) -> int:
+        """Advance the warm-started power iterations.
+
+        ``steps=k`` runs exactly k steps; ``steps=None`` iterates until every estimate changes by
+        less than ``tol`` (relative) over 10 steps, at most ``max_steps``. Returns the steps run.
+        """
+        norms = [q for q in self.quantities.values() if isinstance(q, Norm) and not q.certified]
+        if steps is not None:
+            for q in norms:
+                q.step(steps)
+            return steps
+        done = 0
+        active = list(norms)
+        while active and done < max_steps:
+            before = [float(q()) for q in active]
+            for q in active:
+                q.step(10)
+            after = [float(q()) for q in active]
+            done += 10
+            active = [
+                q for q, a, b in zip(active, before, after) if abs(b - a) > tol * max(abs(b), 1e-30)
+            ]
+        return done
+
+    # -- views ----------------------------------------------------------------------------------
+    def _latest(self) -> Bounds:
+        if self._last is None:
+            with torch.no_grad():
+                self.forward()
+        return self._last
+
+    @property
+    def expr(self) -> dict[str, sympy.Expr]:
+        """The whole network's bounds as sympy expressions of quantity symbols (norms)."""
+        full_l, full_m = self._full_exprs()
+        return {"lipschitz": full_l[self.output], "curvature": full_m[self.output]}
+
+    def _full_exprs(self) -> tuple[dict, dict]:
+        if self._full is None:
+            self._full = self._expr_builder()
+        return self._full
+
+    def quantity_values(self) -> dict[str, float]:
+        """Current numeric value of every quantity symbol (what ``expr`` is evaluated at)."""
+        with torch.no_grad():
+            return {k: float(q()) for k, q in self.quantities.items()}
+
+    @property
+    def nonsmooth_nodes(self) -> list[str]:
+        """Nodes that are not C¹ themselves (ReLU, max-pool...): why the curvature is infinite."""
+        return [n.name for n in self._node_info if n.nonsmooth]
+
+    @property
+    def graph(self) -> nx.DiGraph:
+        """networkx view: one node per fx node with its rule, bounds and expressions."""
+        last = self._latest()
+        g = nx.DiGraph(name=f"curvbound:{type(self.model).__name__}")
+        for nb in self._node_info:
+            L, M = last.nodes.get(nb.name, (torch.tensor(0.0), torch.tensor(0.0)))
+            g.add_node(
+                nb.name,
+                op=nb.op,
+                target=nb.target,
+                rule=nb.rule,
+                lipschitz=float(L),
+                curvature=float(M),
+                expr_lipschitz=nb.lipschitz,
+                expr_curvature=nb.curvature,
+                quantities=nb.quantities,
+                certified=nb.certified and self.certified,
+                nonsmooth=nb.nonsmooth,
+                constant=nb.constant,
+            )
+            for i in nb.inputs:
+                g.add_edge(i, nb.name)
+        return g
+
+    def curvature_shares(self) -> dict[str, float]:
+        """Each node's share of the output's curvature bound (they sum to 1 when it is finite).
+
+        Every curvature rule is positively homogeneous of degree one in its inputs' curvatures,
+        so M_out = Σ_k (∂M_out/∂M_k)·I_k, where I_k is node k's own term (its curvature with
+        the inputs' curvatures set to 0). The share of node k is that summand over M_out.
+        """
+        last = self._latest()
+        vals: dict[sympy.Symbol, float] = {
+            sympy.Symbol(k, nonnegative=True): v for k, v in self.quantity_values().items()
+        }
+        for name, (L, M) in last.nodes.items():
+            vals[sympy.Symbol(f"L_{name}", nonnegative=True)] = float(L)
+            vals[sympy.Symbol(f"M_{name}", nonnegative=True)] = float(M)
+        total = float(last.curvature)
+        if not math.isfinite(total) or total == 0:
+            return {nb.name: float("nan") for nb in self._node_info}
+        infos = {nb.name: nb for nb in self._node_info}
+        sens = {nb.name: 0.0 for nb in self._node_info}
+        sens[self.output] = 1.0
+        own: dict[str, float] = {}
+        for nb in reversed(self._node_info):
+            msyms = [sympy.Symbol(f"M_{i}", nonnegative=True) for i in nb.refs]
+            expr = nb.curvature
+            own[nb.name] = float(expr.xreplace({m: sympy.S.Zero for m in msyms}).xreplace(vals))
+            for i, m in zip(nb.refs, msyms):
+                d = sympy.diff(expr, m)
+                if d != 0:
+                    sens[i] += sens[nb.name] * float(d.xreplace(vals))
+        return {n: sens[n] * own[n] / total for n in infos}
+
+    def table(self) -> str:
+        """Per-node text table: node, op, rule, L, M, share of the final curvature bound."""
+        last = self._latest()
+        shares = self.curvature_shares()
+        rows = [("node", "op", "rule", "L", "M", "share M", "cert")]
+        for nb in self._node_info:
+            if nb.constant:
+                continue
+            L, M = last.nodes.get(nb.name, (torch.tensor(0.0), torch.tensor(0.0)))
+            s = shares.get(nb.name, float("nan"))
+            rows.append(
+                (
+                    nb.name,
+                    _short(nb),
+                    nb.rule,
+                    f"{float(L):.4g}",
+                    f"{float(M):.4g}",
+                    "" if math.isnan(s) else f"{100 * s:.1f}%",
+                    "yes" if nb.certified and self.certified else "est",
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        kind = "certified" if self.certified else "estimated (power iteration)"
+        lines.append(
+            f"output {self.output}: L = {float(last.lipschitz):.6g}, "
+            f"M = {float(last.curvature):.6g} [{self.method}, {kind}]"
+        )
+        return "\n".join(lines)
+
+    def extra_repr(self) -> str:
+        return f"model={type(self.model).__name__}, method={self.method}, norms={self.norms}"
+
+
+def _short(nb) -> str:
+    if nb.op == "call_module":
+        return nb.target.rsplit(".", 1)[-1]
+    if nb.op == "call_method":
+        return f".{nb.target.split(chr(39))[1]}()" if "'" in nb.target else nb.target
+    if nb.op == "call_function":
+        return nb.target.rsplit(".", 1)[-1] + "()"
+    return nb.op
+
+
+def _tensor(v) -> Tensor:
+    return v if isinstance(v, Tensor) else torch.tensor(float(v))
