@@ -1,10 +1,10 @@
 """Reference architectures for tests, examples and benchmarks.
 
-Every builder returns a model in eval mode whose parameters (and batch-norm statistics) depend only on
-``seed``; the global random state is left untouched. ``act`` is an activation *factory*: a module class
-such as ``nn.Tanh`` or any zero-argument callable returning a fresh module, e.g.
-``functools.partial(nn.Softplus, beta=2.0)``. All forwards are plain tensor code that ``torch.fx`` can
-trace.
+Every builder returns a model in eval mode whose parameters (and batch-norm statistics) depend
+only on ``seed``; the global random state is left untouched. ``act`` is an activation *factory*: a
+module class such as ``nn.Tanh`` or any zero-argument callable returning a fresh module, e.g.
+``functools.partial(nn.Softplus, beta=2.0)``. All forwards are plain tensor code that ``torch.fx``
+can trace.
 
 The paper's models (theory §12): MNIST ``kF`` = 784-(100×(k−1))-10 (``k`` linear layers), CIFAR-10
 ``6F`` = 3072-1024-512-256-256-128-10 and ``6C2F`` (six convolutions, two linear layers).
@@ -26,6 +26,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .runtime.layers import CenteredSoftplus
 
 __all__ = [
     "ZOO",
@@ -59,26 +61,6 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
-class CenteredSoftplus(nn.Module):
-    """Softplus shifted to pass through the origin: softplus_β(x) − log(2)/β.
-
-    Same constants as softplus (theory §8): sup|σ'| = 1, sup|σ''| = β/4.
-
-    >>> CenteredSoftplus(beta=2.0)(torch.zeros(1))
-    tensor([0.])
-    """
-
-    def __init__(self, beta: float = 1.0) -> None:
-        super().__init__()
-        self.beta = float(beta)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.softplus(x, beta=self.beta) - math.log(2.0) / self.beta
-
-    def extra_repr(self) -> str:
-        return f"beta={self.beta}"
-
-
 def _chain(widths: list[int], act: ActFactory) -> list[nn.Module]:
     """Linear layers between consecutive widths with ``act`` after every one but the last."""
     layers: list[nn.Module] = []
@@ -107,7 +89,7 @@ def mlp(widths: list[int], act: ActFactory = nn.Tanh, seed: int = 0) -> nn.Seque
 
 
 def mnist_mlp(depth: int, act: ActFactory = nn.Tanh, seed: int = 0) -> nn.Sequential:
-    """The paper's MNIST ``{depth}F``: Flatten, then 784-(100×(depth−1))-10 with ``depth`` linear layers.
+    """The paper's MNIST ``{depth}F``: Flatten, 784-(100×(depth−1))-10 (``depth`` linear layers).
 
     ``mnist_mlp(3)`` is 784-100-100-10 and ``mnist_mlp(6)`` is 784-100-100-100-100-100-10; the input
     has shape (1, 28, 28).
@@ -184,7 +166,7 @@ def residual_mlp(d_in: int = 16, width: int = 32, d_out: int = 10, blocks: int =
 
 
 def _randomize_batch_norm(model: nn.Module) -> None:
-    """Give every batch norm non-trivial affine parameters and running statistics (seeded caller)."""
+    """Give every batch norm non-trivial affine parameters and running statistics (caller seeds)."""
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             c = module.num_features
@@ -234,7 +216,7 @@ class ResidualCNN(nn.Module):
 
 def residual_cnn_bn(in_channels: int = 3, channels: int = 8, size: int = 8, classes: int = 10,
                     blocks: int = 1, act: ActFactory = nn.Tanh, seed: int = 0) -> ResidualCNN:
-    """Small residual CNN with batch norm (random running statistics); input (in_channels, size, size)."""
+    """Small residual CNN with batch norm (random running statistics); input (C, size, size)."""
     if size % 2:
         raise ValueError(f"size must be even for the 2×2 average pool, got {size}")
     with _seeded(seed):
@@ -244,7 +226,7 @@ def residual_cnn_bn(in_channels: int = 3, channels: int = 8, size: int = 8, clas
 
 
 class ConcatModel(nn.Module):
-    """Two branches of the input, tanh(W₁x) and sigmoid(W₂x), concatenated and mapped by a Linear."""
+    """Two branches of the input, tanh(W₁x) and sigmoid(W₂x), concatenated, then a Linear."""
 
     def __init__(self, d_in: int, w_tanh: int, w_sigmoid: int, d_out: int) -> None:
         super().__init__()
@@ -267,22 +249,22 @@ def concat_model(d_in: int = 10, w_tanh: int = 12, w_sigmoid: int = 8, d_out: in
 
 
 def _smooth_activations() -> list[nn.Module]:
-    """One instance of every smooth activation module the library covers (order matters for tests)."""
+    """One instance of every smooth activation module the library covers."""
     return [nn.Tanh(), nn.Sigmoid(), nn.Softplus(beta=2.0), CenteredSoftplus(beta=1.5), nn.SiLU(),
-            nn.GELU(), nn.GELU(approximate="tanh"), nn.ELU(alpha=1.0), nn.CELU(alpha=0.5), nn.Mish(),
-            nn.LogSigmoid()]
+            nn.GELU(), nn.GELU(approximate="tanh"), nn.ELU(alpha=1.0), nn.CELU(alpha=0.5),
+            nn.Mish(), nn.LogSigmoid()]
 
 
 class AllActivations(nn.Module):
     """A narrow MLP chain using every smooth activation once, as modules and in functional form.
 
     Module part: ``Linear → σ`` for each σ of :func:`_smooth_activations`. Functional tail:
-    ``torch.tanh``, ``F.softplus``, the method ``.sigmoid()``, a scalar multiply, a negation and a sum of
-    two branches, then a final Linear.
+    ``torch.tanh``, ``F.softplus``, the method ``.sigmoid()``, a scalar multiply, a negation and a
+    sum of two branches, then a final Linear.
 
-    The weights are drawn N(0, gain²/fan_in) (×4 after the sigmoid, whose slope is at most ¼) so that
-    the signal neither vanishes nor saturates through the long chain: with the default gain the model's
-    Lipschitz and curvature constants are of order 1 rather than 10⁻⁶.
+    The weights are drawn N(0, gain²/fan_in) (×4 after the sigmoid, whose slope is at most ¼) so
+    that the signal neither vanishes nor saturates through the long chain: with the default gain
+    the model's Lipschitz and curvature constants are of order 1 rather than 10⁻⁶.
     """
 
     def __init__(self, d_in: int, width: int, d_out: int, gain: float = 1.25) -> None:

@@ -1,8 +1,8 @@
 """The MNIST and CIFAR-10 files of ``shared/data`` and a small deterministic training loop.
 
 The datasets are never part of the package: they are found through an explicit ``path``, else the
-environment variable ``CURVBOUND_DATA``, else ``shared/data`` next to the repository root (the layout of
-the development checkout). Tests call :func:`has_dataset` and skip when it is False.
+environment variable ``CURVBOUND_DATA``, else ``shared/data`` next to the repository root (the
+layout of the development checkout). Tests call :func:`has_dataset` and skip when it is False.
 
 >>> x, y = load_mnist("test", limit=4)  # doctest: +SKIP
 >>> x.shape, x.dtype, y.dtype  # doctest: +SKIP
@@ -42,15 +42,16 @@ _SPLITS = ("train", "test")
 
 
 def _default_dir() -> Path:
-    # The repository root is the package itself (runtime/ is one level below it); shared/ sits beside it.
+    # The repository root is the package itself (runtime/ is one level below); shared/ is beside it.
     return Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def data_dir(path: str | os.PathLike[str] | None = None) -> Path:
-    """The folder holding the dataset files: ``path``, else ``$CURVBOUND_DATA``, else ``../shared/data``.
+    """The dataset folder: ``path``, else ``$CURVBOUND_DATA``, else ``<repo>/../shared/data``.
 
-    An explicit ``path`` or environment variable that does not exist is an error rather than silently
-    falling back. Raises ``FileNotFoundError`` naming every place tried and how to point elsewhere.
+    An explicit ``path`` or environment variable that does not exist is an error rather than
+    silently falling back. Raises ``FileNotFoundError`` naming every place tried and how to point
+    elsewhere.
     """
     if path is not None:
         candidates = [(Path(path), "the path argument")]
@@ -80,7 +81,7 @@ def _dataset_file(name: str, path: str | os.PathLike[str] | None) -> Path:
 
 
 def has_dataset(name: str, path: str | os.PathLike[str] | None = None) -> bool:
-    """Whether the file of dataset ``name`` ("mnist" or "cifar10") can be found (for skipping tests)."""
+    """Whether the file of dataset ``name`` ("mnist" or "cifar10") can be found (to skip tests)."""
     try:
         _dataset_file(name, path)
     except FileNotFoundError:
@@ -112,8 +113,8 @@ def load_cifar10(split: str = "test", path: str | os.PathLike[str] | None = None
                  limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """CIFAR-10 images as float32 (N, 3, 32, 32) in [0, 1] and labels as int64 (N,).
 
-    The file stores JPEG bytes, decoded here with Pillow (needed only for this function). ``path`` is
-    the data folder or the ``cifar10_jpeg.npz`` file; ``limit`` decodes only the first images.
+    The file stores JPEG bytes, decoded here with Pillow (needed only for this function). ``path``
+    is the data folder or the ``cifar10_jpeg.npz`` file; ``limit`` decodes only the first images.
     """
     _check_split(split)
     try:
@@ -141,9 +142,10 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epoc
                      ) -> nn.Module:
     """Train ``model`` in place with Adam on cross-entropy and return it in eval mode.
 
-    Deterministic on CPU for a given ``seed``: the shuffling uses its own generator and any randomness
-    inside the model (dropout) runs under a forked, seeded global state. ``regularizer(model)``, if
-    given, is added to every batch's loss (e.g. a differentiable curvature bound, theory §9).
+    Deterministic on CPU for a given ``seed``: the shuffling uses its own generator and any
+    randomness inside the model (dropout) runs under a forked, seeded global state.
+    ``regularizer(model)``, if given, is added to every batch's loss (e.g. a differentiable
+    curvature bound, theory §9).
     """
     if len(x) != len(y):
         raise ValueError(f"x has {len(x)} samples but y has {len(y)}")

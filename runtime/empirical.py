@@ -1,37 +1,48 @@
 """Empirical lower bounds on the Lipschitz constant, the curvature constant and Hessian norms.
 
-These are the yardsticks every certified bound is tested against (theory §11): a certified upper bound
-below one of these numbers is a bug. Every number returned is a value actually attained by concrete
-points, so it never exceeds the true constant (up to float64 rounding):
+These are the yardsticks every certified bound is tested against (theory §11): a certified upper
+bound below one of these numbers is a bug. Every number returned is a value actually attained by
+concrete points, so it never exceeds the true constant (up to float64 rounding):
 
 * a ratio ‖f(x) − f(y)‖/‖x − y‖ or ‖(Df(x) − Df(y)) v‖/‖x − y‖ with ‖v‖ = 1 for a concrete pair,
 * or ‖Df(x) v‖ (≤ ‖Df(x)‖ ≤ L), ‖∇²g(x) v‖ (≤ ‖∇²g(x)‖ ≤ M_g) at a concrete point.
 
-The points are found by normalised gradient ascent from random starts, many pairs at once in one batch.
-The unit vector v is the top right singular vector of the Jacobian (difference), computed exactly from
-the full Jacobian when min(inputs, outputs) ≤ ``exact_dim`` and by warm-started power iteration with
-``torch.func.jvp`` and vector–Jacobian products otherwise. Power iteration approaches a norm from below,
-so every value it reports is still attained.
+The points are found by normalised gradient ascent from random starts, many pairs at once in one
+batch. The unit vector v is the top right singular vector of the Jacobian (difference), computed
+exactly from the full Jacobian when min(inputs, outputs) ≤ ``exact_dim`` and by warm-started power
+iteration with ``torch.func.jvp`` and vector–Jacobian products otherwise. Power iteration approaches
+a norm from below, so every value it reports is still attained.
 
 Conventions
 -----------
-``f`` maps a batch ``(B, *input_shape)`` to ``(B, ...)`` with rows independent of each other; outputs
-are flattened per sample. An ``nn.Module`` is deep-copied, converted to ``dtype`` and put in eval mode
-(the caller's model is untouched); a plain callable must accept tensors of ``dtype`` itself.
+``f`` maps a batch ``(B, *input_shape)`` to ``(B, ...)`` with rows independent of each other;
+outputs are flattened per sample. An ``nn.Module`` is deep-copied, converted to ``dtype`` and put in
+eval mode (the caller's model is untouched); a plain callable must accept tensors of ``dtype``.
 
 Knobs (shared by the three functions)
 --------------------------------------
-``samples``     points or pairs optimised in parallel (the batch size).
-``steps``       gradient-ascent steps; step sizes follow a cosine decay from ``lr``.
-``scale``       starting points lie within ``scale`` of ``center`` (or of ``anchor``); x moves by
-                about ``lr·scale`` per step, the pair offset y − x by about ``lr·‖y − x‖``.
+``samples``     points or pairs optimised in parallel (the batch); default 16.
+``steps``       gradient-ascent steps, step sizes decaying from ``lr`` on a cosine; default 30.
+``budget``      FLOPs of model evaluation allowed when ``samples``/``steps`` are left as None: the
+                defaults are shrunk (down to 2 samples, 3 steps) for expensive models. The cost is
+                counted with ``FlopCounterMode`` on one forward pass, not timed, so results stay
+                deterministic. The default 6e10 is a few seconds of float64 work on two CPU cores
+                (split between the pair and the point ascents of the Lipschitz bound).
+``scale``       starting points lie within ``scale`` of ``center`` (default: the origin) or of
+                ``anchor``; x moves by about ``lr·scale`` per step, the offset y − x by about
+                ``lr·‖y − x‖``. For image models try ``center`` = mid-grey and a larger ``scale``.
 ``radius``      if given, every point is kept in the closed ball of that radius around ``center``
-                (or ``anchor``), and ``scale`` defaults to it.
+                (or ``anchor``), and ``scale`` is capped by it.
 ``anchor``      fix one endpoint at x₀: the anchored constants of theory §7.
-``exact_dim``   use full Jacobians/Hessians when the smaller side is at most this.
+``exact_dim``   use full Jacobians/Hessians when the smaller side is at most this, else power
+                iteration (``power_steps`` per ascent step, warm-started, ``polish_steps`` more at
+                the end).
 ``time_limit``  stop the ascent after this many seconds (the result then depends on the machine).
-Cost grows linearly in ``samples·steps``; on two CPU cores the defaults take well under a second on small
-MLPs and a few seconds on the CIFAR-10 models of :mod:`curvbound.zoo`.
+``seed``        all randomness comes from one generator seeded with it.
+
+Typical times with the defaults on one CPU thread: under 0.5 s for the small models of
+:mod:`curvbound.zoo` and the MNIST MLPs, 1-5 s for the CIFAR-10 models, whose bounds are then only
+rough (raise ``budget`` for better ones).
 
 >>> A = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
 >>> f = lambda x: x @ A.T.to(x.dtype)
@@ -48,6 +59,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -68,14 +80,14 @@ _TINY = 1e-30
 # (about 2-4 s of float64 work on two CPU cores); expensive models get fewer samples and steps.
 _SAMPLES = 16
 _STEPS = 30
-_BUDGET = 4e10
-# Fraction of pairs that start "close" (y = x + δ with ‖δ‖ = _CLOSE·scale): their ratio approximates a
+_BUDGET = 6e10
+# Half of the pairs start "close" (y = x + δ with ‖δ‖ = _CLOSE·scale): their ratio approximates a
 # directional second derivative; the others start at distances log-uniform in [0.01, 1]·scale.
 _CLOSE = 1e-3
 
 
 class Margin(nn.Module):
-    """The logit difference x ↦ f_i(x) − f_j(x) of a classifier, as a module (one scalar per sample).
+    """The logit difference x ↦ f_i(x) − f_j(x) of a classifier as a module (a scalar per sample).
 
     Being a module, it is converted to float64 together with the wrapped model.
 
@@ -132,9 +144,9 @@ def _prepare(f: Callable[[Tensor], Tensor] | nn.Module, input_shape: Shape, dtyp
     return _Problem(fn, n, m, dtype, c)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Derivatives on flat batches. z: (P, n). Rows are independent, so a summed objective's gradient is the
-# per-row gradient.
+# --------------------------------------------------------------------------------------------------
+# Derivatives on flat batches. z: (P, n). Rows are independent, so a summed objective's gradient is
+# the per-row gradient.
 
 
 def _jvp(fn: Callable[[Tensor], Tensor], z: Tensor, v: Tensor) -> Tensor:
@@ -175,7 +187,10 @@ def _hvp(g: Callable[[Tensor], Tensor], z: Tensor, v: Tensor, create_graph: bool
         if not z.requires_grad:
             z = z.detach().requires_grad_(True)
         grad = _gradient(g, z)
-        return torch.autograd.grad(grad, z, v, create_graph=create_graph)[0]
+        if not grad.requires_grad:  # g is affine: its gradient does not depend on z
+            return torch.zeros_like(z)
+        hv = torch.autograd.grad(grad, z, v, create_graph=create_graph, allow_unused=True)[0]
+        return torch.zeros_like(z) if hv is None else hv
 
 
 def _hessian(g: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
@@ -195,10 +210,18 @@ def _top_right_singular(mat: Tensor) -> tuple[Tensor, Tensor]:
     return s[:, 0], vh[:, 0, :]
 
 
-# ---------------------------------------------------------------------------------------------------
-# Objectives. Each one has a differentiable ``value(x, d)`` (B,) that is an attained lower bound, and
-# a ``refresh(x, d)`` that recomputes the unit vector v at detached points and returns attained values
-# too. ``d`` is the offset of the second point (y = x + d); point objectives ignore it.
+# --------------------------------------------------------------------------------------------------
+# Objectives. ``d`` is the offset of the second point (y = x + d); point objectives ignore it.
+
+
+class _Objective(Protocol):
+    power_iterated: bool  # whether ``refresh`` approaches v by power iteration (worth polishing)
+
+    def refresh(self, x: Tensor, d: Tensor, steps: int | None = None) -> Tensor | None:
+        """Recompute the unit vector v at the (detached) points; return attained values or None."""
+
+    def value(self, x: Tensor, d: Tensor) -> Tensor:
+        """Attained values (B,) for the current v, differentiable in x and d."""
 
 
 class _PairLipschitz:
@@ -288,7 +311,7 @@ class _PointHessian:
         return _hvp(self._g, x, self.v, True).norm(dim=1)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Starting points, projection and the ascent loop.
 
 
@@ -358,9 +381,8 @@ def _finite_max(values: Tensor | None) -> float:
     return float(values.max()) if values.numel() else -math.inf
 
 
-def _ascend(objective: _PairLipschitz | _PointJacobian | _PairJacobianDifference | _PointHessian,
-            dom: _Domain, x: Tensor, d: Tensor, *, steps: int, lr: float, move_x: bool,
-            move_d: bool, polish_steps: int, deadline: float | None) -> float:
+def _ascend(objective: _Objective, dom: _Domain, x: Tensor, d: Tensor, *, steps: int, lr: float,
+            move_x: bool, move_d: bool, polish_steps: int, deadline: float | None) -> float:
     """Normalised gradient ascent on ``objective.value``; the best attained value seen anywhere."""
     best = -math.inf
     for t in range(steps + 1):
@@ -371,8 +393,8 @@ def _ascend(objective: _PairLipschitz | _PointJacobian | _PairJacobianDifference
         with torch.enable_grad():
             values = objective.value(xv, dv)
             best = max(best, _finite_max(values))
-            if last or not (move_x or move_d):
-                break
+            if last or not (move_x or move_d) or not values.requires_grad:
+                break  # (a value that does not depend on the points leaves nothing to ascend)
             wrt = [v for v, moves in ((xv, move_x), (dv, move_d)) if moves]
             grads = list(torch.autograd.grad(values[torch.isfinite(values)].sum(), wrt,
                                              allow_unused=True))
@@ -418,8 +440,8 @@ def _plan(samples: int | None, steps: int | None, evals_per_sample_step: float, 
           budget: float) -> tuple[int, int]:
     """Fill in ``samples``/``steps`` left as None: the defaults, shrunk to fit ``budget`` FLOPs.
 
-    The cost model is ``evals_per_sample_step`` forward-pass equivalents (a Jacobian of r rows counts
-    about 3r) per point or pair and ascent step. It is deterministic: no timing is involved.
+    The cost model is ``evals_per_sample_step`` forward-pass equivalents (a Jacobian of r rows
+    counts about 3r) per point or pair and ascent step. It is deterministic: nothing is timed.
     """
     if samples is not None and steps is not None:
         return samples, steps
@@ -447,10 +469,11 @@ def lipschitz_lower_bound(f: Callable[[Tensor], Tensor] | nn.Module, input_shape
                           dtype: torch.dtype = torch.float64, seed: int = 0) -> float:
     """An attained lower bound on the Lipschitz constant L_f (or on L_f(x₀) with ``anchor=x₀``).
 
-    The maximum of two ascents: on ‖f(x) − f(y)‖/‖x − y‖ over pairs, and on ‖Df(x) v‖ (the spectral norm
-    of the Jacobian, exact or by power iteration) over points; anchored, the Jacobian is taken at x₀
-    only and y ranges over the ball of ``radius`` (all of Rⁿ if None). See the module docstring for the
-    knobs; ``budget`` and ``time_limit`` apply to each of the two ascents.
+    The maximum of two ascents: on ‖f(x) − f(y)‖/‖x − y‖ over pairs, and on ‖Df(x) v‖ (the spectral
+    norm of the Jacobian, exact or by power iteration) over points; anchored, the Jacobian is taken
+    at x₀ only and y ranges over the ball of ``radius`` (all of Rⁿ if None). See the module
+    docstring for the knobs; ``budget`` is shared by, ``time_limit`` applies to each of, the two
+    ascents.
 
     >>> round(lipschitz_lower_bound(nn.Tanh(), (3,)), 6)
     1.0
@@ -459,12 +482,12 @@ def lipschitz_lower_bound(f: Callable[[Tensor], Tensor] | nn.Module, input_shape
                                       time_limit)
     exact = min(prob.n, prob.m) <= exact_dim
     common = {"lr": lr, "polish_steps": polish_steps, "deadline": deadline}
-    n_pairs, n_steps = _plan(samples, steps, 6.0, prob, budget)
+    n_pairs, n_steps = _plan(samples, steps, 6.0, prob, budget / 2)
     x, d = _start(dom, gen, n_pairs, True, dtype)
     best = _ascend(_PairLipschitz(prob), dom, x, d, steps=n_steps, move_x=not dom.anchored,
                    move_d=True, **common)
     n_points, n_steps = _plan(samples, steps, _jacobian_evals(prob, exact, power_steps), prob,
-                              budget)
+                              budget / 2)
     x, d = _start(dom, gen, 1 if dom.anchored else n_points, False, dtype)
     point = _PointJacobian(prob, _random_unit(gen, len(x), prob.n, dtype), exact, power_steps)
     best = max(best, _ascend(point, dom, x, d, steps=n_steps, move_x=not dom.anchored,
@@ -482,11 +505,12 @@ def curvature_lower_bound(f: Callable[[Tensor], Tensor] | nn.Module, input_shape
     """An attained lower bound on the curvature constant M_f = Lip(Df) (or M_f(x₀) with ``anchor``).
 
     Gradient ascent on ‖Df(x) − Df(y)‖₂/‖x − y‖ over pairs, half of them starting close
-    (‖y − x‖ = 10⁻³·scale, approximating the second derivative along y − x) and half far. The spectral
-    norm of the Jacobian difference is exact from full Jacobians when min(n, m) ≤ ``exact_dim``, else
-    by power iteration with jvp/vjp (``power_steps`` per ascent step, warm-started, plus
-    ``polish_steps`` at the end); either way the reported ratio is attained. Anchored, x = x₀ is fixed
-    and y ranges over the ball of ``radius`` around x₀ (all of Rⁿ if None).
+    (‖y − x‖ = 10⁻³·scale, approximating the second derivative along y − x) and half far. The
+    spectral norm of the Jacobian difference is exact from full Jacobians when min(n, m) ≤
+    ``exact_dim``, else by power iteration with jvp/vjp (``power_steps`` per ascent step,
+    warm-started, plus ``polish_steps`` at the end); either way the reported ratio is attained.
+    Anchored, x = x₀ is fixed and y ranges over the ball of ``radius`` around x₀ (all of Rⁿ if
+    None).
 
     >>> w = torch.tensor([[3.0, 4.0]])
     >>> f = lambda x: torch.tanh(x @ w.T.to(x.dtype))
@@ -517,9 +541,9 @@ def hessian_lower_bound(g: Callable[[Tensor], Tensor] | nn.Module, input_shape: 
     """An attained lower bound on sup_x ‖∇²g(x)‖₂ for a scalar-valued g (e.g. a :class:`Margin`).
 
     Gradient ascent over points on ‖∇²g(x) v‖, with v the top eigenvector (by |λ|) of the Hessian:
-    exact when n ≤ ``exact_dim``, else by power iteration with Hessian-vector products. For g with a
-    Lipschitz gradient this is a lower bound on the curvature constant M_g. With ``radius`` the points
-    stay in the ball around ``center``.
+    exact when n ≤ ``exact_dim``, else by power iteration with Hessian-vector products. For g with
+    a Lipschitz gradient this is a lower bound on the curvature constant M_g. With ``radius`` the
+    points stay in the ball around ``center``.
 
     >>> round(hessian_lower_bound(lambda x: 0.5 * (x ** 2).sum(1), (4,)), 6)
     1.0
@@ -530,7 +554,8 @@ def hessian_lower_bound(g: Callable[[Tensor], Tensor] | nn.Module, input_shape: 
         raise ValueError(f"hessian_lower_bound needs a scalar function, got {prob.m} outputs; "
                          "wrap a classifier in Margin(model, i, j)")
     exact = prob.n <= exact_dim
-    evals = 5.0 * prob.n + 10.0 if exact else 5.0 * power_steps + 10.0
+    # third-order autograd through a double backward: about three times a Jacobian's cost
+    evals = 15.0 * prob.n + 30.0 if exact else 15.0 * power_steps + 30.0
     n_points, n_steps = _plan(samples, steps, evals, prob, budget)
     x, d = _start(dom, gen, n_points, False, dtype)
     objective = _PointHessian(prob, _random_unit(gen, n_points, prob.n, dtype), exact, power_steps)
