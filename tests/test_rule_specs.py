@@ -11,12 +11,11 @@ import math
 
 import pytest
 import torch
+from rule_specs import SPECS
 
 import curvbound
 from curvbound.compiler.registry import DEFAULT_REGISTRY, lookup_key, target_name
 from curvbound.runtime.empirical import curvature_lower_bound, lipschitz_lower_bound
-
-from rule_specs import SPECS
 
 RTOL = 1e-9  # float64 rounding of the bound itself; empirical values are attained ratios
 
