@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -149,8 +150,9 @@ class RuleContext:
 
     def norm(self, op: LinearOperator, kind: str = "norm") -> tuple[sympy.Symbol, Norm]:
         """A spectral-norm quantity of ``op`` in this compile's norm mode, and its symbol."""
-        seed = abs(hash((self.node.name, kind))) % (2**31)
-        return self.symbol(kind), Norm(op, self.norms, seed=seed, label=op.describe())
+        seed = zlib.crc32(f"{self.node.name}/{kind}".encode())  # deterministic across runs
+        dtype = self.node.meta.get("tensor_meta").dtype if "tensor_meta" in self.node.meta else None
+        return self.symbol(kind), Norm(op, self.norms, seed=seed, label=op.describe(), dtype=dtype)
 
     def dense(self, weight: Callable[[], torch.Tensor], source: fx.Node | None = None) -> Transfer:
         """Transfer of v = W·source + b for a live weight getter (a user's linear layer).

@@ -69,14 +69,23 @@ class Norm(Quantity):
         3.0
     """
 
-    def __init__(self, op: LinearOperator, mode: str = "estimate", *, seed: int = 0, label=""):
+    def __init__(
+        self,
+        op: LinearOperator,
+        mode: str = "estimate",
+        *,
+        seed: int = 0,
+        label: str = "",
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"norms must be one of {MODES}, got {mode!r}")
         self.op, self.mode, self.label = op, mode, label or op.describe()
         self.certified = mode == "certified"
         ref = op.tensors()
-        dtype = ref[0].dtype if ref and ref[0].is_floating_point() else torch.float32
+        if dtype is None:
+            dtype = ref[0].dtype if ref and ref[0].is_floating_point() else torch.float32
         self.register_buffer("u", _unit(tuple(op.in_shape), dtype, seed))
         self._cache: tuple[tuple, Tensor] | None = None
 

@@ -104,9 +104,10 @@ def elementwise(
         >>> class Swish(torch.nn.Module):
         ...     def forward(self, x):
         ...         return x * torch.sigmoid(x)
-        >>> _ = curvbound.rule(Swish)(curvbound.rules.elementwise(slope=1.0999, curvature=0.5))
+        >>> reg = curvbound.Registry()
+        >>> _ = reg.register(Swish)(curvbound.rules.elementwise(slope=1.0999, curvature=0.5))
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 3), Swish())
-        >>> curvbound.compile(net, torch.zeros(1, 3)).graph.nodes["_1"]["rule"]
+        >>> curvbound.compile(net, torch.zeros(1, 3), rules=reg).graph.nodes["_1"]["rule"]
         'elementwise(slope=1.0999, curvature=0.5)'
     """
 
