@@ -80,6 +80,11 @@ class Registry:
 
         return deco
 
+    def unregister(self, *targets: Any) -> None:
+        """Remove this registry's own rules for ``targets`` (the parent's stay)."""
+        for t in targets:
+            self._rules.pop(t, None)
+
     def add(self, target: Any, fn: Rule) -> None:
         """Register ``fn`` for one target (non-decorator form)."""
         self.register(target)(fn)
