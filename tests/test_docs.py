@@ -21,6 +21,7 @@ DOCTEST_MODULES = [
     "curvbound.passes.rules.base",
     "curvbound.runtime.norms",
     "curvbound.runtime.layers",
+    "curvbound.runtime.training",
 ]
 
 
