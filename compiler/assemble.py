@@ -7,6 +7,7 @@ under ``node.meta[BOUND_KEY]``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import sympy
@@ -131,8 +132,13 @@ def propagate(
     method: str,
     norms: str,
     constants: set[fx.Node],
+    anchor: object | None = None,
 ) -> tuple[dict[fx.Node, Transfer], dict[fx.Node, str], fx.Node]:
-    """Compute every node's transfer; returns (transfers, rule names, the output's value node)."""
+    """Compute every node's transfer; returns (transfers, rule names, the output's value node).
+
+    ``anchor``: the :class:`~curvbound.runtime.anchored.AnchorState` of an anchored compile,
+    handed to every rule as ``ctx.anchor``.
+    """
     transfers: dict[fx.Node, Transfer] = {}
     rules: dict[fx.Node, str] = {}
     declined: list[MissingRule] = []
@@ -163,7 +169,13 @@ def propagate(
             transfers[node], rules[node] = Transfer(zero, zero), "constant"
             continue
         ctx = RuleContext(
-            node, gm, method=method, norms=norms, transfers=transfers, constants=constants
+            node,
+            gm,
+            method=method,
+            norms=norms,
+            transfers=transfers,
+            constants=constants,
+            anchor=anchor,
         )
         result, reasons = None, []
         for fn in rules_for(node, gm, registry):
@@ -187,14 +199,10 @@ def propagate(
             transfers[node] = Transfer(sympy.oo, sympy.oo)
             continue
         if _has_inf(result.curvature) or result.nonsmooth:
-            result = Transfer(
-                result.lipschitz,
-                sympy.oo,
-                result.quantities,
-                result.operator,
-                result.source,
+            result = dataclasses.replace(  # keeps every other field (elementwise, margin...)
+                result,
+                curvature=sympy.oo,
                 nonsmooth=result.nonsmooth or _own_nonsmooth(result, ctx),
-                note=result.note,
             )
         transfers[node] = result
     if declined:

@@ -72,7 +72,8 @@ def _fold(fn: str, args) -> str:
 
 def _as_tensor(a: sympy.Expr) -> str:
     s = print_expr(a)
-    return f"torch.as_tensor({s})" if a.is_number else s
+    # float64: a float32 tensor would round the (rounded-up) constant back down
+    return f"torch.as_tensor({s}, dtype=torch.float64)" if a.is_number else s
 
 
 def _paren(a: sympy.Expr) -> str:

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from ..passes.checks import check_example_input, check_model_state
+from ..passes.methods import finalize as finalize_method
 from ..runtime.bound_function import BoundFunction
 from ..runtime.norms import MODES
-from . import assemble, codegen
+from . import assemble, codegen, rounding
 from .context import METHODS
 from .errors import UnsupportedOperationError
 from .registry import Registry, layered
@@ -28,24 +29,32 @@ def compile(  # noqa: A001 - the public name is fixed by the API
     norms: str = "estimate",
     rules: Registry | Mapping[Any, Any] | None = None,
     refresh: bool = True,
+    anchored: bool = False,
 ) -> BoundFunction:
     """Compile ``model`` into a :class:`~curvbound.runtime.bound_function.BoundFunction`.
 
     Args:
         model: an ``nn.Module`` in eval mode whose forward fx can trace.
         example_input: a batched input the model accepts (fixes shapes; values are not used).
-        method: ``"compositional"`` (block rules and merged linear chains) or ``"naive"``
-            (products of layer norms, per-layer curvature sup|σ''|·‖W‖²).
+        method: ``"compositional"`` (block rules, LipLT along chain segments, merged linear
+            chains), ``"naive"`` (products of layer norms, per-layer curvature sup|σ''|·‖W‖²),
+            ``"paper"`` (the paper's Algorithm 1, sequential networks) or ``"crt"`` (Singla &
+            Feizi's bound, MLPs); see ``passes/paper.py`` and ``passes/crt.py``.
         norms: ``"estimate"`` (warm-started power iteration, from below: fast, differentiable)
             or ``"certified"`` (guaranteed upper bounds in float64).
         rules: per-call rule overrides, layered on the default registry:
             ``{target: rule}`` or a :class:`~curvbound.compiler.registry.Registry`.
         refresh: run power iteration to convergence before returning (estimate mode).
+        anchored: also create per-sample anchored quantities (theory §7, methods
+            "compositional" and "naive"): ``curvbound.anchored_bounds(bf, x0)`` then gives the
+            curvature anchored at each sample of x0; ``bf()`` still gives the global bounds.
+            See ``runtime/anchored.py``.
 
     Raises (before any numeric work where possible):
         UnsupportedOperationError: nodes without a rule, all of them listed with hints.
         TracingError, ModelStateError, InputError: untraceable model, train-mode batch norm or
         NaN weights, an unsuitable example input.
+        MethodCoverageError: ``method="paper"``/``"crt"`` on a graph it does not cover.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -64,8 +73,21 @@ def compile(  # noqa: A001 - the public name is fixed by the API
         raise UnsupportedOperationError(missing)
     propagate_shapes(gm, example_input)
 
+    anchor = None
+    if anchored:
+        if method not in ("compositional", "naive"):
+            raise ValueError(
+                f"anchored=True supports methods 'compositional' and 'naive', not {method!r}"
+            )
+        from ..runtime.anchored import AnchorState
+
+        anchor = AnchorState()
     transfers, rule_names, out = assemble.propagate(
-        gm, registry, method=method, norms=norms, constants=constants
+        gm, registry, method=method, norms=norms, constants=constants, anchor=anchor
+    )
+    # "paper"/"crt": check the graph is covered and rewrite the output node's transfer
+    finalize_method(
+        gm, transfers, rule_names, out, method=method, norms=norms, constants=constants
     )
     assemble.node_bounds(gm, transfers, rule_names, constants)
     quantities = {str(s): q for t in transfers.values() for s, q in t.quantities.items()}
@@ -83,6 +105,10 @@ def compile(  # noqa: A001 - the public name is fixed by the API
         node_info=infos,
         expr_builder=lambda: assemble.full_expressions(gm, out),
     )
+    cert, factors, why = rounding.certify_nodes(infos, quantities, norms)
+    bf._node_certified, bf._rounding, bf._cert_notes = cert, factors, why
+    bf._margin_fold = transfers[out].margin  # how bf.margins() folds e_i − e_j (runtime/margins)
+    bf._anchor = anchor  # anchored quantities read the anchor's values from it (runtime/anchored)
     if refresh:
         bf.refresh()
     return bf

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import warnings
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -15,10 +16,19 @@ from torch import fx, nn
 from ..runtime.norms import Norm, Quantity
 from ..runtime.operators import Chain, FunctionOperator, LinearOperator
 
-__all__ = ["Transfer", "RuleContext", "METHODS", "lipschitz_symbol", "curvature_symbol"]
+__all__ = [
+    "Transfer",
+    "Elementwise",
+    "RuleContext",
+    "METHODS",
+    "lipschitz_symbol",
+    "curvature_symbol",
+]
 
-#: Methods a rule can be asked to serve (``compile(method=...)``).
-METHODS = ("naive", "compositional")
+#: Methods a rule can be asked to serve (``compile(method=...)``): "naive" (products of norms),
+#: "compositional" (the default: LipLT along chain segments, block rules, merged linear chains),
+#: "paper" (the paper's Algorithm 1, passes/paper.py) and "crt" (Singla & Feizi, passes/crt.py).
+METHODS = ("naive", "compositional", "paper", "crt")
 
 
 def lipschitz_symbol(name: str) -> sympy.Symbol:
@@ -47,10 +57,32 @@ class Transfer:
     source: fx.Node | None = None
     nonsmooth: bool = False
     note: str = ""
+    #: set by elementwise activations (v = σ(input)): LipLT and the block rules read it
+    elementwise: Elementwise | None = None
+    #: set on affine nodes: how to fold a margin vector c into the node (runtime/margins.py)
+    margin: Any = None
+
+
+@dataclass(frozen=True)
+class Elementwise:
+    """What an elementwise activation v = σ(input) tells its consumers: sup|σ'| (``slope``),
+    sup|σ''| (``curvature``) and proven bounds ``lo ≤ σ' ≤ hi`` (the slope range LipLT needs)."""
+
+    input: fx.Node
+    slope: sympy.Expr
+    curvature: sympy.Expr
+    lo: sympy.Expr
+    hi: sympy.Expr
+    name: str = "σ"
 
 
 class RuleContext:
-    """Read-only view a rule gets of its node, the model and the transfers computed so far."""
+    """Read-only view a rule gets of its node, the model and the transfers computed so far.
+
+    ``anchor`` is set by ``compile(..., anchored=True)``: an
+    :class:`~curvbound.runtime.anchored.AnchorState` through which activation rules create
+    per-sample anchored quantities (theory §7); None for global bounds.
+    """
 
     def __init__(
         self,
@@ -61,9 +93,11 @@ class RuleContext:
         norms: str,
         transfers: Mapping[fx.Node, Transfer],
         constants: set[fx.Node],
+        anchor: Any = None,
     ):
         self.node, self.root, self.method, self.norms = node, root, method, norms
         self._transfers, self._constants = transfers, constants
+        self.anchor = anchor
 
     # -- the node -------------------------------------------------------------------------------
     @property
@@ -152,7 +186,18 @@ class RuleContext:
         """A spectral-norm quantity of ``op`` in this compile's norm mode, and its symbol."""
         seed = zlib.crc32(f"{self.node.name}/{kind}".encode())  # deterministic across runs
         dtype = self.node.meta.get("tensor_meta").dtype if "tensor_meta" in self.node.meta else None
-        return self.symbol(kind), Norm(op, self.norms, seed=seed, label=op.describe(), dtype=dtype)
+        sym = self.symbol(kind)
+        q = Norm(op, self.norms, seed=seed, label=op.describe(), dtype=dtype)
+        if self.norms == "certified":
+            try:
+                q()  # computed (and cached) now, so that a missing certificate shows at compile
+            except NotImplementedError as exc:
+                # No guaranteed bound exists for this structure: say so rather than fail, and
+                # fall back to an estimate that makes Bounds.certified False.
+                q = Norm(op, "estimate", seed=seed, label=op.describe(), dtype=dtype)
+                q.note = f"{sym} is a power-iteration ESTIMATE, not a bound: {exc}"
+                warnings.warn(f"node '{self.node.name}': {q.note}", stacklevel=2)
+        return sym, q
 
     def dense(self, weight: Callable[[], torch.Tensor], source: fx.Node | None = None) -> Transfer:
         """Transfer of v = W·source + b for a live weight getter (a user's linear layer).
@@ -182,6 +227,13 @@ class RuleContext:
         source = source if source is not None else self.input()
         if not isinstance(op, LinearOperator):
             op = FunctionOperator(op, self.shape(source), self.shape(), label=self.node.name)
+        if isinstance(op, FunctionOperator) and op.norm_bound is None and norm is not None:
+            known = sympy.sympify(norm)
+            if known.is_number:  # the rule's exact norm also serves the op inside merged chains
+                from .codegen import round_up
+
+                value = round_up(known)
+                op.norm_bound = lambda: torch.tensor(value, dtype=torch.float64)
         ops: list[LinearOperator] = [op]
         src = source
         merged = False
@@ -202,7 +254,11 @@ class RuleContext:
             return Transfer(n * self.L(src), n * self.M(src), {}, chain, src)
         sym, q = self.norm(chain)
         note = f"merged: {chain.describe()}" if merged else ""
-        return Transfer(sym * self.L(src), sym * self.M(src), {sym: q}, chain, src, note=note)
+        t = Transfer(sym * self.L(src), sym * self.M(src), {sym: q}, chain, src, note=note)
+        # LipLT along the chain segment and the two-layer block rules (theory §3-§4)
+        from ..passes.lipschitz_lt import refine_affine
+
+        return refine_affine(self, t)
 
 
 def is_reduction_free_getitem(node: fx.Node) -> bool:

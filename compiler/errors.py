@@ -16,6 +16,7 @@ __all__ = [
     "InputError",
     "RuleError",
     "NonSmoothError",
+    "MethodCoverageError",
 ]
 
 
@@ -76,3 +77,7 @@ class RuleError(CurvboundError):
 
 class NonSmoothError(CurvboundError):
     """A curvature bound was requested explicitly for a model that is not C¹."""
+
+
+class MethodCoverageError(CurvboundError):
+    """The requested method ("paper", "crt") does not cover this graph; the node is named."""

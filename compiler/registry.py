@@ -135,13 +135,17 @@ def rule(*targets: Any, registry: Registry | None = None) -> Callable[[Rule], Ru
         >>> class Swish(torch.nn.Module):
         ...     def forward(self, x):
         ...         return x * torch.sigmoid(x)
-        >>> @curvbound.rule(Swish)
+        >>> reg = curvbound.Registry()  # omit registry= to use the default registry
+        >>> @curvbound.rule(Swish, registry=reg)
         ... def swish(node, ctx):
-        ...     return curvbound.rules.elementwise(slope=1.0998, curvature=0.5)(node, ctx)
-        >>> curvbound.compiler.registry.DEFAULT_REGISTRY.has(Swish)
-        True
+        ...     return curvbound.rules.elementwise(slope=1.0999, curvature=0.5)(node, ctx)
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 3), Swish())
+        >>> curvbound.compile(net, torch.zeros(1, 3), rules=reg).graph.nodes["_1"]["rule"]
+        'curvbound.compiler.registry.swish'
+        >>> curvbound.DEFAULT_REGISTRY.has(Swish)
+        False
     """
-    return (registry or DEFAULT_REGISTRY).register(*targets)
+    return (registry if registry is not None else DEFAULT_REGISTRY).register(*targets)
 
 
 def layered(overrides: Registry | Mapping[Any, Rule | Iterable[Rule]] | None) -> Registry:

@@ -75,6 +75,14 @@ class BoundFunction(nn.Module):
         self._expr_builder = expr_builder
         self._full: tuple[dict, dict] | None = None
         self._last: Bounds | None = None
+        # set by compile (compiler/rounding.py): per-node certified flags, notes on the
+        # certificates (why not certified; looser fallbacks), and the (L, M) factors covering
+        # float64 rounding in certified mode
+        self._node_certified: dict[str, bool] = {}
+        self._cert_notes: dict[str, str] = {}
+        self._rounding: dict[str, tuple[float, float]] = {}
+        # set by compile: how to fold a margin e_i − e_j into the output node (runtime/margins.py)
+        self._margin_fold = None
 
     @property
     def model(self) -> nn.Module:
@@ -87,6 +95,11 @@ class BoundFunction(nn.Module):
             self.refresh(refresh)
         q = {k: v for k, v in self.quantities.items()}
         L, M, nodes = self._fn(q)
+        if self.norms == "certified" and self._rounding:
+            # rounding of the generated float64 arithmetic, bounded explicitly (compiler/rounding)
+            f = self._rounding
+            nodes = {k: (a * f[k][0], b * f[k][1]) for k, (a, b) in nodes.items()}
+            L, M = nodes[self.output]
         L, M = _tensor(L), _tensor(M)
         nodes = {k: (_tensor(a), _tensor(b)) for k, (a, b) in nodes.items()}
         out = Bounds(L, M, self.certified, nodes)
@@ -97,8 +110,28 @@ class BoundFunction(nn.Module):
 
     @property
     def certified(self) -> bool:
-        """True when every quantity is a guaranteed bound (``norms="certified"``)."""
-        return all(q.certified for q in self.quantities.values())
+        """True when every number that enters the output's bounds is guaranteed: certified norms,
+        exact or proven constants, and arithmetic whose rounding is covered (``norms="certified"``).
+        """
+        if self._node_certified:
+            return self._node_certified.get(self.output, False)
+        return self.norms == "certified" and all(q.certified for q in self.quantities.values())
+
+    def margins(self):
+        """Bounds on every logit difference f_i − f_j: a :class:`~curvbound.runtime.margins.Margins`
+        with K×K ``lipschitz`` and ``curvature`` tensors (zero diagonal) and ``certified``.
+
+        Each pair c = e_i − e_j is folded into the last linear layer and only the output block is
+        recomputed, for all pairs in one batch (theory §5); where that does not apply the result is
+        √2 times the global bound and ``.pairwise`` is False. See :mod:`curvbound.runtime.margins`.
+        """
+        from .margins import margins
+
+        return margins(self)
+
+    def node_certified(self, name: str) -> bool:
+        """Whether node ``name``'s bounds are guaranteed (every quantity upstream is certified)."""
+        return self._node_certified.get(name, False)
 
     @torch.no_grad()
     def refresh(self, steps: int | None = None, *, tol: float = 1e-6, max_steps: int = 2000) -> int:
@@ -170,7 +203,8 @@ class BoundFunction(nn.Module):
                 expr_lipschitz=nb.lipschitz,
                 expr_curvature=nb.curvature,
                 quantities=nb.quantities,
-                certified=nb.certified and self.certified,
+                certified=self.node_certified(nb.name),
+                note=" ".join(x for x in (nb.note, self._cert_notes.get(nb.name, "")) if x),
                 nonsmooth=nb.nonsmooth,
                 constant=nb.constant,
             )
@@ -227,7 +261,7 @@ class BoundFunction(nn.Module):
                     f"{float(L):.4g}",
                     f"{float(M):.4g}",
                     "" if math.isnan(s) else f"{100 * s:.1f}%",
-                    "yes" if nb.certified and self.certified else "est",
+                    "yes" if self.node_certified(nb.name) else "est",
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -255,4 +289,5 @@ def _short(nb) -> str:
 
 
 def _tensor(v) -> Tensor:
-    return v if isinstance(v, Tensor) else torch.tensor(float(v))
+    # float64: a float32 tensor would round a Python number (a float64 bound) down half the time
+    return v if isinstance(v, Tensor) else torch.tensor(float(v), dtype=torch.float64)

@@ -38,6 +38,7 @@ __all__ = [
     "diagonal_norm",
     "gram_iteration_norm",
     "matrix_of",
+    "padding_multiplicity",
     "pooling_norm",
 ]
 
@@ -292,6 +293,49 @@ def _strided_circulant_norm(
     return torch.stack(maxima).max() / math.sqrt(math.prod(sub))
 
 
+def _padding_source(q: int, n: int, mode: str) -> int | None:
+    """The input index whose value sits at padded position q ∈ [−before, n + after) (torch's
+    circular, reflect and replicate modes; None for zero padding outside [0, n))."""
+    if 0 <= q < n:
+        return q
+    if mode == "zeros":
+        return None
+    if mode == "circular":
+        return q % n
+    if mode == "replicate":
+        return min(max(q, 0), n - 1)
+    if mode == "reflect":
+        if n == 1:
+            return 0
+        period = 2 * (n - 1)  # reflection without repeating the edge, as in torch
+        q %= period
+        return q if q < n else period - q
+    raise ValueError(f"unknown padding_mode {mode!r}")
+
+
+def padding_multiplicity(
+    spatial: Sequence[int], pads: Sequence[tuple[int, int]], mode: str
+) -> int:
+    """Most positions of the padded input that hold a copy of one input entry.
+
+    Padding is x ↦ P x with P a 0/1 matrix with at most one 1 per row, so PᵀP is diagonal with
+    these counts and ‖P‖₂ = √(multiplicity). Padding is separable (P = P₁ ⊗ … ⊗ P_d), so the
+    count is the product of the per-axis counts. Zero padding copies nothing: 1.
+
+    >>> padding_multiplicity((5,), [(2, 2)], "replicate")   # x[0] fills positions -2, -1, 0
+    3
+    >>> padding_multiplicity((5, 5), [(1, 1), (1, 1)], "reflect")   # x[1] also at -1: 2 per axis
+    4
+    """
+    if mode == "zeros":
+        return 1
+    total = 1
+    for n, (lo, hi) in zip(spatial, pads):
+        counts = Counter(_padding_source(q, n, mode) for q in range(-lo, n + hi))
+        total *= max(counts.values())
+    return total
+
+
 def _resolve_padding(
     padding: int | Sequence[int] | str,
     nd: int,
@@ -333,7 +377,9 @@ def conv_norm(
             ``ConvTranspose`` layout (C_in, C_out/groups, k1, …).
         input_shape: (C_in, n1, …) without the batch dimension.
         stride, padding, dilation, groups, output_padding, padding_mode: as in ``torch.nn.Conv2d``;
-            padding may be an int, a tuple, 'valid' or 'same'; padding_mode 'zeros' or 'circular'.
+            padding may be an int, a tuple, 'valid' or 'same'; padding_mode 'zeros', 'circular',
+            'reflect' or 'replicate' (the last two: ‖valid conv on the padded size‖·√multiplicity,
+            see :func:`padding_multiplicity`).
 
     Math (zero padding, per axis): put the input at positions [0, n) of a cyclic grid Z_N and let C
     be the circular correlation (Cz)[q] = Σ_a w[a]·z[(q − p_before + d·a) mod N]. Output i of the
@@ -434,10 +480,22 @@ def conv_norm(
             row_gain *= max(counts.values())
             grid.append(n)
             sub.append(s if n % s == 0 else 1)  # rows s·i − lo lie in one coset of sZ_n iff s | n
+    elif padding_mode in ("reflect", "replicate"):
+        # conv = conv_valid ∘ P with P the padding map, ‖P‖ = √multiplicity (padding_multiplicity):
+        # a sound bound, loose by at most that factor.
+        for n, (lo, hi) in zip(spatial, pads):
+            if padding_mode == "reflect" and (lo >= n or hi >= n) and n > 1:
+                raise ValueError("reflect padding must be smaller than the input (as in torch)")
+        mult = padding_multiplicity(spatial, pads, padding_mode)
+        padded = (shape[0], *(n + lo + hi for n, (lo, hi) in zip(spatial, pads)))
+        inner = conv_norm(
+            weight, padded, stride=stride_t, padding=0, dilation=dil_t, groups=groups
+        )
+        return certify(inner * math.sqrt(mult))
     else:
         raise ValueError(
-            f"padding_mode={padding_mode!r} is not supported; use 'zeros' or 'circular' "
-            "(reflect/replicate padding is not a circulant embedding)"
+            f"padding_mode={padding_mode!r} is not supported; use 'zeros', 'circular', "
+            "'reflect' or 'replicate'"
         )
     w = weight.to(torch.float64).reshape(groups, c_out // groups, c_in_g, *ksize)
     value = _strided_circulant_norm(w, grid, sub, dil_t) * math.sqrt(row_gain)

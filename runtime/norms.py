@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .operators import LinearOperator
+from .operators import Chain, FunctionOperator, LinearOperator, RowNormScaled, exact_arithmetic
 
 __all__ = ["Quantity", "Norm", "Constant", "MODES"]
 
@@ -25,9 +25,11 @@ MODES = ("estimate", "certified")
 
 
 class Quantity(nn.Module):
-    """A named scalar computed at run time. ``certified`` says whether it is a guaranteed bound."""
+    """A named scalar computed at run time. ``certified`` says whether it is a guaranteed bound;
+    ``note`` says why not, where a certified one was asked for and could not be had."""
 
     certified: bool = False
+    note: str = ""
 
     def step(self, steps: int = 1) -> None:
         """Advance internal iterative state (no-op by default)."""
@@ -52,6 +54,18 @@ def _unit(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> Tensor:
     g = torch.Generator().manual_seed(seed)
     u = torch.randn((1, *shape), generator=g, dtype=torch.float64)
     return (u / u.norm()).to(dtype)
+
+
+def _cacheable(op: LinearOperator) -> bool:
+    """False when the operator may read tensors it does not list (a user function given neither
+    ``params`` nor ``norm_bound``): its certified norm is then recomputed on every call."""
+    if isinstance(op, FunctionOperator):
+        return op.params is not None or op.norm_bound is not None
+    if isinstance(op, Chain):
+        return all(_cacheable(o) for o in op.ops)
+    if isinstance(op, RowNormScaled):
+        return _cacheable(op.op)
+    return True
 
 
 class Norm(Quantity):
@@ -89,18 +103,35 @@ class Norm(Quantity):
         self.register_buffer("u", _unit(tuple(op.in_shape), dtype, seed))
         self._cache: tuple[tuple, Tensor] | None = None
 
-    def _key(self) -> tuple:
-        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in self.op.tensors())
+    def _cached(self, current: list[Tensor]) -> Tensor | None:
+        """The cached certified value if it was computed from exactly these tensor values."""
+        if self._cache is None or not _cacheable(self.op):
+            return None
+        saved, value = self._cache
+        if len(saved) != len(current):
+            return None
+        for a, b in zip(saved, current):
+            if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+                return None
+            if not torch.equal(a, b):
+                return None
+        return value
 
     def forward(self) -> Tensor:
         if self.certified:
-            key = self._key()
-            if self._cache is None or self._cache[0] != key:
-                from .certified import certify
+            from .certified import certify
 
-                with torch.no_grad():
-                    self._cache = (key, certify(self.op.certified_norm().double()))
-            return self._cache[1]
+            # Computed in float64 from the live parameters (exact_arithmetic) and cached by the
+            # *values* of the tensors it reads, in float64: a version counter or a data pointer
+            # misses `p.data` updates and reuses freed addresses for recomputed derived tensors.
+            with exact_arithmetic(), torch.no_grad():
+                current = [t.detach() for t in self.op.tensors()]
+                value = self._cached(current)
+                if value is None:
+                    value = certify(self.op.certified_norm().double())
+                    self._cache = ([t.clone() for t in current], value)
+                    self.note = self.op.bound_note  # how a looser fallback bound was obtained
+            return value
         return self.op.apply(self.u).norm()
 
     @torch.no_grad()

@@ -9,8 +9,10 @@ copies of tensors, so an optimiser step is seen without recompiling.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,13 +29,58 @@ __all__ = [
     "Chain",
     "RowNormScaled",
     "MATERIALIZE_LIMIT",
+    "MATERIALIZE_ENTRIES",
+    "TIGHTEN_LIMIT",
+    "exact_arithmetic",
+    "precise",
 ]
 
 #: Operators with at most this many input (or output) entries are materialised for an exact
 #: float64 SVD when no structure-specific certified norm exists.
 MATERIALIZE_LIMIT = 4096
 
+#: ... and at most this many matrix entries (128 MiB in float64; its SVD takes seconds).
+MATERIALIZE_ENTRIES = 1 << 24
+
+#: Operators with a structured but possibly loose certified norm (reflect/replicate-padded
+#: convolutions) are also materialised, and the smaller bound kept, up to this size.
+TIGHTEN_LIMIT = 1024
+
 Shape = tuple[int, ...]
+
+_EXACT = contextvars.ContextVar("curvbound_exact_arithmetic", default=False)
+
+
+@contextlib.contextmanager
+def exact_arithmetic() -> Iterator[None]:
+    """Evaluate operators in float64 from the float64 values of the live parameters.
+
+    Certified norms are computed inside this block (:class:`~curvbound.runtime.norms.Norm`):
+    derived tensors (a batch norm's scale γ/√(var + ε), a conv weight with batch norm folded in,
+    row-scaled weights) are then recomputed in float64 instead of being rounded to the model's
+    dtype, so that the bound is that of the real-valued map the parameters define, up to float64
+    rounding, which the safety margins cover. Outside the block nothing changes.
+
+    >>> w = torch.tensor([[1.0, 2.0]])          # float32
+    >>> with exact_arithmetic():
+    ...     Dense(lambda: w, (2,), (1,)).apply(torch.ones(1, 2)).dtype
+    torch.float64
+    """
+    token = _EXACT.set(True)
+    try:
+        yield
+    finally:
+        _EXACT.reset(token)
+
+
+def precise(t: Tensor) -> Tensor:
+    """``t`` in float64 inside :func:`exact_arithmetic` (an exact conversion), else ``t`` as is.
+
+    Getters of derived tensors call it on their inputs, e.g. ``precise(bn.running_var)``.
+    """
+    if _EXACT.get() and t.is_floating_point() and t.dtype != torch.float64:
+        return t.double()
+    return t
 
 
 def _numel(shape: Shape) -> int:
@@ -47,6 +94,9 @@ class LinearOperator:
     out_shape: Shape
     #: norm exactly 1 and the map only permutes/reshapes coordinates (flatten, permute, view)
     isometric: bool = False
+    #: set by :meth:`certified_norm` when it fell back to a sound but looser bound (shown in the
+    #: node's note)
+    bound_note: str = ""
 
     def apply(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -74,13 +124,32 @@ class LinearOperator:
         return RowNormScaled(self)
 
     def certified_norm(self) -> Tensor:
-        """A guaranteed upper bound on ‖A‖₂, float64 (before the global safety margin)."""
-        if min(_numel(self.in_shape), _numel(self.out_shape)) <= MATERIALIZE_LIMIT:
+        """A guaranteed upper bound on ‖A‖₂, float64 (before the global safety margin).
+
+        Called inside :func:`exact_arithmetic`. The default materialises the matrix (when the
+        smaller side has at most :data:`MATERIALIZE_LIMIT` entries and the matrix at most
+        :data:`MATERIALIZE_ENTRIES`) and takes its exact SVD plus an explicit bound on the
+        rounding error of the materialisation.
+        """
+        n_in, n_out = _numel(self.in_shape), _numel(self.out_shape)
+        if min(n_in, n_out) <= MATERIALIZE_LIMIT and n_in * n_out <= MATERIALIZE_ENTRIES:
             return _materialized_norm(self)
         raise NotImplementedError(
             f"{self.describe()} has no certified norm: its structure is unknown and it is too "
             f"large to materialise ({self.in_shape} -> {self.out_shape})"
         )
+
+    def abs_norm_bound(self) -> Tensor | None:
+        """An upper bound on ‖|A|‖₂ (|A| = entrywise absolute value of the matrix), or None.
+
+        Used to bound the rounding error of a materialised chain A_k⋯A_1, which is at most
+        γ·‖|A_k|⋯|A_1|‖₂ ≤ γ·Πᵢ‖|Aᵢ|‖₂. None means unknown: such a chain is not materialised.
+        """
+        return None
+
+    def rounding_terms(self) -> int:
+        """Most terms summed for one output entry when :meth:`apply` runs (for rounding bounds)."""
+        return _numel(self.in_shape)
 
     def describe(self) -> str:
         return type(self).__name__
@@ -89,16 +158,72 @@ class LinearOperator:
         return f"{self.describe()}[{self.in_shape} -> {self.out_shape}]"
 
 
+_MATERIALIZE_CHUNK = 1 << 22  # float64 entries per batch of basis vectors (32 MiB)
+
+
+def _materialize(op: LinearOperator, dtype: torch.dtype) -> Tensor:
+    """The (out_numel, in_numel) matrix of ``op``: columns A e_j, or rows Aᵀ e_i by autograd when
+    the output is the smaller side (batches of basis vectors; rows of a batch are independent)."""
+    n_in, n_out = _numel(op.in_shape), _numel(op.out_shape)
+    ref = op.tensors()
+    device = ref[0].device if ref else None
+    chunk = max(1, _MATERIALIZE_CHUNK // max(n_in, n_out, 1))
+    parts = []
+    if n_in <= n_out:
+        with torch.no_grad():
+            for start in range(0, n_in, chunk):
+                b = min(chunk, n_in - start)
+                basis = torch.zeros(b, n_in, dtype=dtype, device=device)
+                basis[torch.arange(b), torch.arange(start, start + b)] = 1
+                parts.append(op.apply(basis.reshape(b, *op.in_shape)).reshape(b, n_out))
+        return torch.cat(parts).T.to(torch.float64)
+    for start in range(0, n_out, chunk):
+        b = min(chunk, n_out - start)
+        with torch.enable_grad():
+            x = torch.zeros(b, *op.in_shape, dtype=dtype, device=device, requires_grad=True)
+            y = op.apply(x).reshape(b, n_out)
+            seed = torch.zeros(b, n_out, dtype=y.dtype, device=device)
+            seed[torch.arange(b), torch.arange(start, start + b)] = 1
+            (g,) = torch.autograd.grad(y, x, seed)
+        parts.append(g.detach().reshape(b, n_in))
+    return torch.cat(parts).to(torch.float64)
+
+
 def _materialized_norm(op: LinearOperator) -> Tensor:
+    """σ₁ of the materialised matrix Â (exact float64 SVD) plus a bound on ‖Â − A‖₂.
+
+    Â is built in float64 inside :func:`exact_arithmetic` (in the parameters' dtype only when the
+    operator cannot run in float64, e.g. a user function mixing dtypes). Evaluating
+    A_k⋯A_1 e_j step by step gives |Â − A| ≤ γ_p·|A_k|⋯|A_1| entrywise (Higham, Accuracy and
+    Stability of Numerical Algorithms, §3.5), with p the total number of terms summed per output
+    entry over the steps, hence ‖A‖₂ ≤ σ₁(Â) + γ_p·Πᵢ‖|Aᵢ|‖₂ (see ``abs_norm_bound``).
+    A single operator of unknown structure is assumed to compute each entry as an ordinary sum of
+    products, so that ‖|A|‖₂ ≤ ‖Â‖_F (to first order) stands in for the unknown bound.
+    """
     from . import certified
 
-    n = _numel(op.in_shape)
-    with torch.no_grad():
-        ref = op.tensors()
-        dtype = ref[0].dtype if ref else torch.float64
-        eye = torch.eye(n, dtype=dtype, device=ref[0].device if ref else None)
-        cols = op.apply(eye.reshape(n, *op.in_shape)).reshape(n, -1)
-        return certified.dense_norm(cols.double().T)
+    with exact_arithmetic():
+        try:
+            A = _materialize(op, torch.float64)
+            unit = 2.0**-53
+        except RuntimeError:  # e.g. "expected scalar type Float": a function fixed to its dtype
+            ref = op.tensors()
+            dtype = ref[0].dtype if ref and ref[0].is_floating_point() else torch.float32
+            A = _materialize(op, dtype)
+            unit = torch.finfo(dtype).eps / 2
+        if torch.isnan(A).any():
+            raise ValueError(f"{op.describe()}: the materialised matrix contains NaN")
+        abs_bound = op.abs_norm_bound()
+        if abs_bound is None:
+            if isinstance(op, Chain) and len(op.core) > 1:
+                raise NotImplementedError(
+                    f"{op.describe()}: a factor has no bound on ‖|A|‖, so the rounding error of "
+                    "the materialised product cannot be bounded"
+                )
+            abs_bound = torch.linalg.matrix_norm(A) * 1.01
+        p = 2 * op.rounding_terms() + 4  # generous: FMA/blocked sums, the final conversions
+        gamma = p * unit / (1 - p * unit)
+        return certified.dense_norm(A) + 2 * gamma * abs_bound.detach().double()
 
 
 class Dense(LinearOperator):
@@ -108,7 +233,7 @@ class Dense(LinearOperator):
         self.weight, self.in_shape, self.out_shape, self.label = weight, in_shape, out_shape, label
 
     def apply(self, x: Tensor) -> Tensor:
-        w = self.weight()
+        w = precise(self.weight())
         return F.linear(x.to(w.dtype), w)
 
     def tensors(self) -> list[Tensor]:
@@ -119,22 +244,22 @@ class Dense(LinearOperator):
         return F.linear(u.to(w.dtype), w) @ w
 
     def row_norms(self) -> Tensor:
-        return self.weight().norm(dim=-1)
+        return precise(self.weight()).norm(dim=-1)
 
     def row_scaled(self) -> LinearOperator:
         def scaled() -> Tensor:
-            w = self.weight()
+            w = precise(self.weight())
             return w * w.norm(dim=1, keepdim=True)
 
         return Dense(scaled, self.in_shape, self.out_shape, f"diag(r){self.label}")
 
     def scaled(self, out_scale: Callable[[], Tensor] | None, in_scale=None) -> Dense:
         def w() -> Tensor:
-            m = self.weight()
+            m = precise(self.weight())
             if out_scale is not None:
-                m = out_scale().reshape(-1, 1) * m
+                m = precise(out_scale()).to(m.dtype).reshape(-1, 1) * m
             if in_scale is not None:
-                m = m * in_scale().reshape(1, -1)
+                m = m * precise(in_scale()).to(m.dtype).reshape(1, -1)
             return m
 
         return Dense(w, self.in_shape, self.out_shape, self.label)
@@ -143,6 +268,12 @@ class Dense(LinearOperator):
         from . import certified
 
         return certified.dense_norm(self.weight().detach().double())
+
+    def abs_norm_bound(self) -> Tensor:
+        return torch.linalg.matrix_norm(self.weight().detach().double())  # ‖|W|‖₂ ≤ ‖W‖_F
+
+    def rounding_terms(self) -> int:
+        return int(self.in_shape[-1]) if self.in_shape else 1
 
     def describe(self) -> str:
         return f"Dense({self.label})"
@@ -170,32 +301,57 @@ class Conv(LinearOperator):
         self.dims = len(in_shape) - 1
 
     def apply(self, x: Tensor) -> Tensor:
-        w = self.weight()
+        w = precise(self.weight())
         x = x.to(w.dtype)
         conv = F.conv1d if self.dims == 1 else F.conv2d
         padding = self.padding
         if self.padding_mode != "zeros":
-            pads = _expand(padding, self.dims)
-            x = F.pad(x, [p for p in reversed(pads) for _ in range(2)], mode=self.padding_mode)
+            pads = [v for lo, hi in reversed(self._pads()) for v in (lo, hi)]
+            x = F.pad(x, pads, mode=self.padding_mode)
             padding = 0
         return conv(x, w, None, self.stride, padding, self.dilation, self.groups)
+
+    def _pads(self) -> list[tuple[int, int]]:
+        """Per-axis (before, after) padding; strings 'same'/'valid' resolved as torch does."""
+        from .certified import _resolve_padding
+
+        ksize = tuple(self.weight().shape[2:])
+        dil, stride = _expand(self.dilation, self.dims), _expand(self.stride, self.dims)
+        return _resolve_padding(self.padding, self.dims, ksize, dil, stride)
+
+    def multiplicity(self) -> int:
+        """Most padded positions that read one input entry: 1 for zero padding; for circular,
+        reflect and replicate padding the padded input is P·x with P a 0/1 matrix, ‖P‖² = this."""
+        from .certified import padding_multiplicity
+
+        if getattr(self, "_multiplicity", None) is None:  # shapes and padding are fixed
+            self._multiplicity = padding_multiplicity(
+                self.in_shape[1:], self._pads(), self.padding_mode
+            )
+        return self._multiplicity
 
     def tensors(self) -> list[Tensor]:
         return [self.weight()]
 
     def row_norms(self) -> Tensor:
         # Row (c, i, j) holds kernel c restricted to the in-range taps: its norm is at most the full
-        # kernel norm, with equality away from the border.
-        w = self.weight()
-        return w.flatten(1).norm(dim=1).reshape(-1, *([1] * self.dims))
+        # kernel norm, with equality away from the border. With circular/reflect/replicate
+        # padding a row is row(K_valid)·P and taps may land on one input entry, so its norm is
+        # at most ‖w_c‖·‖P‖ = ‖w_c‖·√multiplicity.
+        w = precise(self.weight())
+        r = w.flatten(1).norm(dim=1) * math.sqrt(self.multiplicity())
+        return r.reshape(-1, *([1] * self.dims))
 
     def scaled(self, out_scale: Callable[[], Tensor] | None, in_scale=None) -> Conv:
         def w() -> Tensor:
-            k = self.weight()
+            k = precise(self.weight())
             if out_scale is not None:
-                k = out_scale().reshape(-1, *([1] * (self.dims + 1))) * k
-            if in_scale is not None:
-                k = k * in_scale().reshape(1, -1, *([1] * self.dims))
+                k = precise(out_scale()).to(k.dtype).reshape(-1, *([1] * (self.dims + 1))) * k
+            if in_scale is not None:  # input channel g·(C_in/g) + j feeds weight[:, j] of group g
+                s = precise(in_scale()).to(k.dtype)
+                g, c_out, cig = self.groups, k.shape[0], k.shape[1]
+                s = s.reshape(g, 1, cig).expand(g, c_out // g, cig).reshape(c_out, cig)
+                k = k * s.reshape(c_out, cig, *([1] * self.dims))
             return k
 
         return Conv(
@@ -211,28 +367,47 @@ class Conv(LinearOperator):
         )
 
     def row_scaled(self) -> LinearOperator:
-        op = self.scaled(lambda: self.weight().flatten(1).norm(dim=1))
+        op = self.scaled(lambda: self.row_norms().flatten())
         op.label = f"diag(r){self.label}"
         return op
 
     def certified_norm(self) -> Tensor:
         from . import certified
 
-        if isinstance(self.padding, str):
-            return super().certified_norm()
         w = self.weight().detach().double()
-        mode = {"zeros": {}, "circular": {"padding_mode": "circular"}}.get(self.padding_mode)
-        if mode is None:  # reflect/replicate padding: not a sub-block of a circulant
-            return super().certified_norm()
-        return certified.conv_norm(
+        bound = certified.conv_norm(
             w,
             tuple(self.in_shape),
             stride=self.stride,
             padding=self.padding,
             dilation=self.dilation,
             groups=self.groups,
-            **mode,
+            padding_mode=self.padding_mode,
         )
+        if self.padding_mode in ("reflect", "replicate"):
+            n_in, n_out = _numel(self.in_shape), _numel(self.out_shape)
+            small = min(n_in, n_out) <= TIGHTEN_LIMIT and n_in * n_out <= MATERIALIZE_ENTRIES
+            if small:  # the structured bound ‖K_valid‖·‖P‖ can be 2× loose; an SVD is cheap here
+                bound = torch.minimum(bound, _materialized_norm(self))
+            else:
+                self.bound_note = (
+                    f"{self.describe()}: ‖K‖ ≤ √{self.multiplicity()}·‖K_valid‖ "
+                    f"({self.padding_mode} padding copies an entry ≤ {self.multiplicity()} times)"
+                )
+        return bound
+
+    def abs_norm_bound(self) -> Tensor:
+        # Schur test on |K|: a row sums |w_c| over its taps (collisions only cancel), a column
+        # meets each (output channel, tap) of its group at most `multiplicity` times.
+        w = self.weight().detach().double().abs()
+        mult = self.multiplicity()
+        g, c_out, cig = self.groups, w.shape[0], w.shape[1]
+        rows = w.flatten(1).sum(1).max()
+        cols = w.reshape(g, c_out // g, cig, -1).sum(dim=(1, 3)).max() * mult
+        return torch.sqrt(rows * cols) * (1 + 1e-12)
+
+    def rounding_terms(self) -> int:
+        return int(self.weight()[0].numel()) * self.multiplicity()
 
     def describe(self) -> str:
         return f"Conv{self.dims}d({self.label})"
@@ -252,7 +427,7 @@ class Diagonal(LinearOperator):
         return s.reshape(-1, *([1] * (len(self.in_shape) - 1)))
 
     def apply(self, x: Tensor) -> Tensor:
-        s = self.scale()
+        s = precise(self.scale())
         return x.to(s.dtype) * self._view(s)
 
     def tensors(self) -> list[Tensor]:
@@ -263,10 +438,16 @@ class Diagonal(LinearOperator):
         return u.to(s.dtype) * s * s
 
     def row_norms(self) -> Tensor:
-        return self._view(self.scale().abs())
+        return self._view(precise(self.scale()).abs())
 
     def certified_norm(self) -> Tensor:
         return self.scale().detach().double().abs().max()
+
+    def abs_norm_bound(self) -> Tensor:
+        return self.certified_norm()
+
+    def rounding_terms(self) -> int:
+        return 1
 
     def describe(self) -> str:
         return f"Diagonal({self.label})"
@@ -286,6 +467,12 @@ class Scalar(LinearOperator):
 
     def certified_norm(self) -> Tensor:
         return torch.tensor(abs(self.c), dtype=torch.float64)
+
+    def abs_norm_bound(self) -> Tensor:
+        return self.certified_norm()
+
+    def rounding_terms(self) -> int:
+        return 1
 
     def describe(self) -> str:
         return f"Scalar({self.c:g})"
@@ -308,6 +495,12 @@ class Reshape(LinearOperator):
     def certified_norm(self) -> Tensor:
         return torch.ones((), dtype=torch.float64)
 
+    def abs_norm_bound(self) -> Tensor:
+        return self.certified_norm()
+
+    def rounding_terms(self) -> int:
+        return 0
+
     def describe(self) -> str:
         return f"Reshape({self.label})" if self.label else "Reshape"
 
@@ -316,7 +509,10 @@ class FunctionOperator(LinearOperator):
     """A linear map given by a bias-free function (pooling, slicing, a user layer).
 
     ``norm_bound`` optionally gives a certified norm (a callable returning a float64 tensor);
-    ``rows`` optionally gives row-norm upper bounds.
+    ``rows`` optionally gives row-norm upper bounds; ``abs_bound`` optionally bounds ‖|A|‖₂ (for
+    the nonnegative or diagonal maps of pooling, slicing, reductions and scalings it is
+    ``norm_bound`` itself); ``params`` lists the live tensors ``fn`` reads (a certified norm is
+    recomputed when one of them changes).
     """
 
     def __init__(
@@ -328,10 +524,12 @@ class FunctionOperator(LinearOperator):
         norm_bound: Callable[[], Tensor] | None = None,
         rows: Callable[[], Tensor] | None = None,
         params: Callable[[], list[Tensor]] | None = None,
+        abs_bound: Callable[[], Tensor] | None = None,
         label: str = "f",
     ):
         self.fn, self.in_shape, self.out_shape = fn, in_shape, out_shape
         self.norm_bound, self.rows, self.params, self.label = norm_bound, rows, params, label
+        self.abs_bound = abs_bound
 
     def apply(self, x: Tensor) -> Tensor:
         return self.fn(x)
@@ -346,6 +544,9 @@ class FunctionOperator(LinearOperator):
         if self.norm_bound is not None:
             return self.norm_bound()
         return super().certified_norm()
+
+    def abs_norm_bound(self) -> Tensor | None:
+        return self.abs_bound() if self.abs_bound is not None else None
 
     def describe(self) -> str:
         return self.label
@@ -368,7 +569,17 @@ class RowNormScaled(LinearOperator):
             return super().certified_norm()
         except NotImplementedError:
             r = self.op.row_norms().detach().double()
+            self.bound_note = (
+                f"‖diag(r)A‖ ≤ max r·‖A‖, A = {self.op.describe()} (too large to materialise)"
+            )
             return r.abs().max() * self.op.certified_norm()
+
+    def abs_norm_bound(self) -> Tensor | None:
+        inner = self.op.abs_norm_bound()
+        return None if inner is None else self.op.row_norms().detach().double().max() * inner
+
+    def rounding_terms(self) -> int:
+        return self.op.rounding_terms() + 1
 
     def describe(self) -> str:
         return f"diag(r)·{self.op.describe()}"
@@ -380,16 +591,16 @@ def _fuse(a: LinearOperator, b: LinearOperator) -> LinearOperator | None:
         return a.scaled(b.scale)
     if isinstance(b, Diagonal) and isinstance(a, Dense) and len(a.out_shape) == 1:
         return a.scaled(b.scale)
-    if isinstance(a, Diagonal) and isinstance(b, Conv) and b.groups == 1:
+    if isinstance(a, Diagonal) and isinstance(b, Conv):
         return b.scaled(None, a.scale)
     if isinstance(a, Diagonal) and isinstance(b, Dense) and len(b.in_shape) == 1:
         return b.scaled(None, a.scale)
     if isinstance(a, Scalar) and isinstance(b, Scalar):
         return Scalar(a.c * b.c, a.in_shape)
     if isinstance(b, Scalar) and isinstance(a, (Conv, Dense)):
-        return a.scaled(lambda: torch.tensor(b.c))
+        return a.scaled(lambda: torch.tensor(b.c, dtype=torch.float64))
     if isinstance(a, Scalar) and isinstance(b, (Conv, Dense)):
-        return b.scaled(lambda: torch.tensor(a.c))
+        return b.scaled(lambda: torch.tensor(a.c, dtype=torch.float64))
     return None
 
 
@@ -458,14 +669,33 @@ class Chain(LinearOperator):
     def certified_norm(self) -> Tensor:
         core = self.core
         if len(core) == 1:
-            return core[0].certified_norm()
+            value = core[0].certified_norm()
+            self.bound_note = core[0].bound_note
+            return value
         try:
             return super().certified_norm()
-        except NotImplementedError:
+        except NotImplementedError as exc:
             out = torch.ones((), dtype=torch.float64)
             for op in core:  # submultiplicativity: a valid, looser bound
                 out = out * op.certified_norm()
+            inner = "; ".join(op.bound_note for op in core if op.bound_note)
+            self.bound_note = (
+                f"‖{self.describe()}‖ ≤ product of the factors' norms (submultiplicativity; "
+                f"{str(exc).split(':')[-1].strip()})" + (f"; {inner}" if inner else "")
+            )
             return out
+
+    def abs_norm_bound(self) -> Tensor | None:
+        out = torch.ones((), dtype=torch.float64)
+        for op in self.ops:
+            b = op.abs_norm_bound()
+            if b is None:
+                return None
+            out = out * b
+        return out
+
+    def rounding_terms(self) -> int:
+        return sum(op.rounding_terms() for op in self.ops)
 
     def describe(self) -> str:
         return " ∘ ".join(op.describe() for op in reversed(self.ops))

@@ -295,7 +295,9 @@ def test_conv_norm_is_differentiable():
 def test_conv_norm_rejects_unsupported_settings():
     w = torch.randn(2, 2, 3, 3)
     with pytest.raises(ValueError, match="padding_mode"):
-        conv_norm(w, (2, 8, 8), padding=1, padding_mode="reflect")
+        conv_norm(w, (2, 8, 8), padding=1, padding_mode="symmetric")
+    with pytest.raises(ValueError, match="reflect padding must be smaller"):
+        conv_norm(w, (2, 3, 3), padding=3, padding_mode="reflect")
     with pytest.raises(ValueError, match="channels"):
         conv_norm(w, (3, 8, 8))
     with pytest.raises(ValueError, match="spatial"):

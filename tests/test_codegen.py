@@ -29,16 +29,20 @@ EXPECTED = '''def bound(q):
     #   block rule (d): rnorm_tanh = ‖diag(r)A‖, A = Dense(fc1)
     rnorm_tanh = q['rnorm_tanh']()
     L_tanh = L_fc1
-    M_tanh = 0.769800358919501*rnorm_tanh
+    M_tanh = 0.769800358919501*torch.minimum(rnorm_tanh, L_fc1**2)
     # fc2: call_module torch.nn.modules.linear.Linear -> rule linear.linear
+    #   LipLT over 2 layers from 'x': liplt_fc2 = μ_1 from the norms of the products of consecutive layers (runtime/products.py)
     norm_fc2 = q['norm_fc2']()
-    L_fc2 = L_tanh*norm_fc2
-    M_fc2 = M_tanh*norm_fc2
+    lt_fc1_fc2 = q['lt_fc1_fc2']()
+    liplt_fc2 = q['liplt_fc2']()
+    hnorm_fc2 = q['hnorm_fc2']()
+    L_fc2 = liplt_fc2
+    M_fc2 = 0.769800358919501*torch.minimum(torch.minimum(L_fc1*hnorm_fc2, norm_fc2*rnorm_tanh), L_fc1**2*norm_fc2)
     # softplus: call_function torch.nn.functional.softplus -> rule activations.softplus
     #   block rule (d): rnorm_softplus = ‖diag(r)A‖, A = Dense(fc2)
     rnorm_softplus = q['rnorm_softplus']()
     L_softplus = L_fc2
-    M_softplus = M_fc2 + 0.5*L_tanh**2*rnorm_softplus
+    M_softplus = M_fc2 + 0.5*torch.minimum(L_fc2**2, L_tanh**2*rnorm_softplus)
     # add: call_function operator.add -> rule linear.add
     L_add = L_softplus + L_tanh
     M_add = M_softplus + M_tanh

@@ -25,6 +25,7 @@ def test_zoo_bounds_are_sound(name):
     for method in ("naive", "compositional"):
         for norms in ("estimate", "certified"):
             out = curvbound.compile(model, x, method=method, norms=norms)()
+            assert out.certified is (norms == "certified"), (name, method, norms)
             got[method, norms] = (float(out.lipschitz.detach()), float(out.curvature.detach()))
     samples, steps = BUDGET.get(name, (12, 25))
     lip = lipschitz_lower_bound(model, tuple(shape), samples=samples, steps=steps, seed=3)

@@ -19,7 +19,9 @@ __all__: list[str] = []
 
 
 def _apply(ctx: RuleContext, rec: S.Smoothness) -> Transfer:
-    return elementwise_transfer(ctx, rec.slope, rec.curvature, rec.name)
+    return elementwise_transfer(
+        ctx, rec.slope, rec.curvature, rec.name, rec.slope_range, record=rec
+    )
 
 
 def _param(ctx: RuleContext, attr: str, position: int, default):

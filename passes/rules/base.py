@@ -9,7 +9,7 @@ from typing import Any
 import sympy
 from torch import fx
 
-from ...compiler.context import RuleContext, Transfer
+from ...compiler.context import Elementwise, RuleContext, Transfer
 from ...compiler.registry import DEFAULT_REGISTRY
 
 __all__ = [
@@ -50,21 +50,40 @@ def _num(x: Any) -> sympy.Expr:
 
 
 def elementwise_transfer(
-    ctx: RuleContext, slope: Any, curvature: Any, name: str = "σ"
+    ctx: RuleContext,
+    slope: Any,
+    curvature: Any,
+    name: str = "σ",
+    slope_range: tuple[Any, Any] | None = None,
+    record: Any = None,
 ) -> Transfer:
     """Transfer of v = σ(u) for an elementwise σ with sup|σ'| = slope, sup|σ''| = curvature.
 
     L_v = slope·L_u. Curvature (theory §3):
     - affine producer u = A z + b and method != "naive": the row-norm block rule (d),
       M_v = sup|σ''|·‖diag(r)A‖·L_z² + slope·M_u with r_j = ‖row_j(A)‖;
+      With method "compositional" the generic term is kept when smaller (a LipLT-improved L_u):
+      M_v = sup|σ''|·min(L_u², ‖diag(r)A‖·L_z²) + slope·M_u (both are valid);
     - otherwise the generic rule M_v = sup|σ''|·L_u² + slope·M_u.
-    ``curvature = inf`` marks a non-C¹ map (ReLU...): M_v = ∞.
+    ``curvature = inf`` marks a non-C¹ map (ReLU...): M_v = ∞. ``slope_range`` = proven bounds
+    (lo, hi) on σ' (default (−slope, slope)); consumers use it for LipLT (theory §4).
+    Anchored compiles (``ctx.anchor``, theory §7): for a Smoothness ``record`` with an anchored
+    table, sup|σ''| becomes the per-sample κ(x₀) = max_j β'(u_j(x₀)) and ‖diag(r)A‖ the per-sample
+    ‖diag(ρ⊙r)A‖ (:mod:`curvbound.runtime.anchored`); the expressions keep their form.
     """
     a, c = _num(slope), _num(curvature)
     u = ctx.input()
+    lo, hi = (number(v) for v in slope_range) if slope_range is not None else (-a, a)
+    kappa: dict = {}
+    if ctx.anchor is not None and c != sympy.oo:
+        found = ctx.anchor.curvature(ctx, u, record)
+        if found is not None:
+            c, kappa = found[0], dict([found])
+    info = Elementwise(u, a, c, lo, hi, name)
     L = a * ctx.L(u)
     if c == sympy.oo:
-        return Transfer(L, sympy.oo, nonsmooth=True, note=f"{name}' is discontinuous: curvature ∞")
+        note = f"{name}' is discontinuous: curvature ∞"
+        return Transfer(L, sympy.oo, nonsmooth=True, note=note, elementwise=info)
     prod = ctx.transfer(u)
     op = prod.operator
     if (
@@ -77,14 +96,21 @@ def elementwise_transfer(
         scaled = op.row_scaled()
         if scaled is not None:
             sym, q = ctx.norm(scaled, "rnorm")
-            M = c * sym * ctx.L(prod.source) ** 2 + a * ctx.M(u)
+            quantities = {sym: q}
+            if kappa:
+                quantities = ctx.anchor.row_norm(ctx, u, record, sym, q, op)
+            own = sym * ctx.L(prod.source) ** 2
+            if ctx.method == "compositional":
+                own = sympy.Min(ctx.L(u) ** 2, own, evaluate=False)  # both are valid
+            M = c * own + a * ctx.M(u)
             return Transfer(
                 L,
                 M,
-                {sym: q},
+                {**quantities, **kappa},
                 note=f"block rule (d): {sym} = ‖diag(r)A‖, A = {op.describe()}",
+                elementwise=info,
             )
-    return Transfer(L, c * ctx.L(u) ** 2 + a * ctx.M(u))
+    return Transfer(L, c * ctx.L(u) ** 2 + a * ctx.M(u), kappa, elementwise=info)
 
 
 def elementwise(
@@ -114,7 +140,14 @@ def elementwise(
     def rule(node: fx.Node, ctx: RuleContext) -> Transfer:
         rec = smoothness(node, ctx) if callable(smoothness) else smoothness
         if rec is not None:
-            return elementwise_transfer(ctx, rec.slope, rec.curvature, getattr(rec, "name", "σ"))
+            return elementwise_transfer(
+                ctx,
+                rec.slope,
+                rec.curvature,
+                getattr(rec, "name", "σ"),
+                getattr(rec, "slope_range", None),
+                record=rec,
+            )
         return elementwise_transfer(ctx, slope, curvature)
 
     label = getattr(smoothness, "name", None) or (
@@ -141,16 +174,22 @@ def broadcast_factor(ctx: RuleContext, n: fx.Node) -> sympy.Expr:
 
 def scaled(ctx: RuleContext, node_in: fx.Node, c: float) -> Transfer:
     """v = c·u with broadcasting: L_v = |c|·√k·L_u (k copies of each entry)."""
+    import torch
+
     from ...runtime.operators import FunctionOperator, Scalar
 
     shape_in, shape_out = ctx.shape(node_in), ctx.shape()
     if shape_in == shape_out:
         return ctx.linear(Scalar(c, shape_in), node_in, norm=number(abs(c)))
     k = broadcast_factor(ctx, node_in)
+    norm = number(abs(c)) * k
     op = FunctionOperator(
         lambda x: c * x.expand(x.shape[0], *shape_out),
         shape_in,
         shape_out,
         label=f"broadcast·{c:g}",
     )
-    return ctx.linear(op, node_in, norm=number(abs(c)) * k)
+    # |A| is the broadcast times |c|: the same norm (ctx.linear attaches norm_bound from `norm`)
+    bound_abs = torch.tensor(float(norm) * (1 + 1e-15), dtype=torch.float64)
+    op.abs_bound = lambda: bound_abs
+    return ctx.linear(op, node_in, norm=norm)

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ...compiler.assemble import Decline
+from ...compiler.codegen import round_up
 from ...compiler.context import RuleContext, Transfer
 from ...runtime import certified
-from ...runtime.operators import Conv, Dense, Diagonal, FunctionOperator
+from ...runtime.operators import Conv, Dense, Diagonal, FunctionOperator, precise
 from .base import broadcast_factor, number, register, scaled
 
 __all__: list[str] = []
@@ -116,8 +117,9 @@ def batch_norm(node: fx.Node, ctx: RuleContext) -> Transfer:
         raise Decline("batch norm in train mode or without running statistics; call model.eval()")
 
     def scale() -> torch.Tensor:
-        s = torch.rsqrt(m.running_var + m.eps)
-        return s * m.weight if m.weight is not None else s
+        # precise(): recomputed in float64 for certified norms (a float32 rsqrt is ~6e-8 off)
+        s = torch.rsqrt(precise(m.running_var) + m.eps)
+        return s * precise(m.weight) if m.weight is not None else s
 
     return ctx.linear(Diagonal(scale, ctx.shape(), f"{node.target}"))
 
@@ -125,7 +127,10 @@ def batch_norm(node: fx.Node, ctx: RuleContext) -> Transfer:
 # -- pooling -------------------------------------------------------------------------------------
 def _pool_transfer(ctx: RuleContext, fn, bound, label: str) -> Transfer:
     u = ctx.input()
-    op = FunctionOperator(fn, ctx.shape(u), ctx.shape(), norm_bound=bound, label=label)
+    # a pooling matrix is nonnegative: ‖|A|‖ = ‖A‖ (rounding bound of merged chains)
+    op = FunctionOperator(
+        fn, ctx.shape(u), ctx.shape(), norm_bound=bound, abs_bound=bound, label=label
+    )
     return ctx.linear(op)
 
 
@@ -279,11 +284,15 @@ def _tensor_scale(ctx: RuleContext, u: fx.Node, c) -> Transfer:
     def rows():
         return c().abs().expand(1, *shape_out)[0] if c().dim() > len(shape_out) else c().abs()
 
+    def bound() -> torch.Tensor:
+        return precise(c()).detach().double().abs().max()
+
     op = FunctionOperator(
-        lambda x: x * c(),
+        lambda x: x * precise(c()),
         shape_in,
         shape_out,
-        norm_bound=lambda: c().detach().double().abs().max(),
+        norm_bound=bound,
+        abs_bound=bound,
         rows=rows,
         params=lambda: [c()],
         label="elementwise scale",
@@ -302,7 +311,7 @@ def div(node: fx.Node, ctx: RuleContext) -> Transfer:
     c = _constant_factor(ctx, b)
     if not isinstance(c, torch.Tensor):
         return scaled(ctx, ctx.input(), 1.0 / float(c))
-    return _tensor_scale(ctx, ctx.input(), lambda: 1.0 / ctx.value(b))
+    return _tensor_scale(ctx, ctx.input(), lambda: 1.0 / precise(ctx.value(b)))
 
 
 def _reduce_dims(ctx: RuleContext, dim) -> tuple[int, ...]:
@@ -325,12 +334,14 @@ def _reduction(ctx: RuleContext, mean: bool) -> Transfer:
     norm = sympy.sqrt(sympy.Integer(n))
     norm = 1 / norm if mean else norm
     fn = (lambda x: x.mean(dims, keepdim)) if mean else (lambda x: x.sum(dims, keepdim))
+    value = torch.tensor(round_up(norm), dtype=torch.float64)  # ≥ the exact norm
     op = FunctionOperator(
         fn,
         ctx.shape(u),
         ctx.shape(),
-        norm_bound=lambda: torch.tensor(float(norm), dtype=torch.float64),
-        rows=lambda: torch.tensor(float(norm), dtype=torch.float64),
+        norm_bound=lambda: value,
+        abs_bound=lambda: value,
+        rows=lambda: value,
         label=f"{'mean' if mean else 'sum'}{dims}",
     )
     return ctx.linear(op, u, norm=norm)

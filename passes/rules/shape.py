@@ -129,7 +129,13 @@ def getitem(node: fx.Node, ctx: RuleContext) -> Transfer:
         raise Decline("indexing the batch dimension mixes samples; index as x[:, ...]")
     ones = lambda: torch.ones((), dtype=torch.float64)  # noqa: E731
     op = FunctionOperator(
-        lambda x: x[idx], ctx.shape(u), ctx.shape(), norm_bound=ones, rows=ones, label=f"[{idx}]"
+        lambda x: x[idx],
+        ctx.shape(u),
+        ctx.shape(),
+        norm_bound=ones,
+        rows=ones,
+        abs_bound=ones,
+        label=f"[{idx}]",
     )
     return ctx.linear(op, u, norm=1)
 

@@ -1,0 +1,147 @@
+"""Certification throughput: samples/s of ``curvbound.certify``, global vs anchored curvature.
+
+For MNIST 6F and CIFAR-10 6C2F (``curvbound.zoo``, tanh, float32 weights, briefly trained here so
+that the certificates mean something) the script certifies the test images batch by batch with
+two certifiers that share one compiled bound (``compile(..., norms="certified", anchored=True)``):
+
+- global: pairwise margin constants (``bf.margins()``), computed once;
+- anchored: additionally the curvature anchored at every image (theory §7), per pair.
+
+Both run on the same batch one after the other, so the ratio of their times is measured side by
+side under the same machine load. Each certifier's time covers everything per batch: the float64
+forward pass, the K margin gradients, the anchored bound (anchored only) and the radii. Reported:
+samples/s, the time ratio, compile times, and what the certificates give (certified accuracy,
+median radius, attack certificates).
+
+Run from the repository root:
+    python benchmarks/certify_throughput.py                 # the 10,000 test images of each
+    python benchmarks/certify_throughput.py --limit 500     # a quick run
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+import curvbound
+from curvbound import zoo
+from curvbound.runtime import data
+from curvbound.runtime.certificates import Certifier
+
+MODELS = {
+    "MNIST 6F": (lambda: zoo.mnist_mlp(6), data.load_mnist, (0.1, 0.3, 0.5)),
+    "CIFAR 6C2F": (zoo.cifar_6c2f, data.load_cifar10, (36 / 255, 72 / 255, 108 / 255)),
+}
+
+
+def _train(model: torch.nn.Module, load, samples: int, epochs: int) -> tuple[float, float]:
+    if samples <= 0:
+        return 0.0, float("nan")
+    x, y = load("train", limit=samples)
+    start = time.perf_counter()
+    data.train_classifier(model, x, y, epochs=epochs, lr=1e-3, seed=0)
+    return time.perf_counter() - start, len(x)
+
+
+def bench(name: str, limit: int, batch: int, train: int, epochs: int) -> dict:
+    build, load, eps_list = MODELS[name]
+    model = build()
+    train_s, _ = _train(model, load, train, epochs)
+    xt, yt = load("test", limit=limit)
+    t0 = time.perf_counter()
+    plain = curvbound.compile(model, xt[:1], norms="certified")
+    t_plain = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    bf = curvbound.compile(model, xt[:1], norms="certified", anchored=True)
+    t_anch = time.perf_counter() - t0
+    del plain
+    t0 = time.perf_counter()
+    glob = Certifier(model, xt[:1], bound_fn=bf, local=False)
+    anch = Certifier(model, xt[:1], bound_fn=bf, local=True)
+    t_setup = time.perf_counter() - t0
+    times = {"global": [], "anchored": []}
+    parts = {"global": [], "anchored": []}
+    for start in range(0, len(xt), batch):
+        xb, yb = xt[start : start + batch], yt[start : start + batch]
+        for key, cert in (("global", glob), ("anchored", anch)):
+            t0 = time.perf_counter()
+            parts[key].append(cert(xb, yb))
+            times[key].append(time.perf_counter() - t0)
+        done = start + len(xb)
+        rate = done / sum(times["anchored"])
+        sys.stderr.write(f"\r{name}: {done}/{len(xt)} (anchored {rate:.1f} samples/s)")
+        sys.stderr.flush()
+    sys.stderr.write("\n")
+    certs = {k: curvbound.Certificate.cat(v) for k, v in parts.items()}
+    ratios = [a / g for a, g in zip(times["anchored"], times["global"])]
+    return {
+        "name": name,
+        "n": len(xt),
+        "train_s": train_s,
+        "compile_plain": t_plain,
+        "compile_anchored": t_anch,
+        "setup": t_setup,
+        "rate": {k: len(xt) / sum(v) for k, v in times.items()},
+        "ratio": sum(times["anchored"]) / sum(times["global"]),
+        "ratio_median": statistics.median(ratios),
+        "certs": certs,
+        "eps": eps_list,
+    }
+
+
+def report(r: dict) -> None:
+    g, a = r["certs"]["global"], r["certs"]["anchored"]
+    acc = float(g.correct.double().mean())
+    print(f"\n### {r['name']} ({r['n']} test images, clean accuracy {acc:.4f})")
+    print(
+        f"compile: plain {r['compile_plain']:.2f} s, anchored {r['compile_anchored']:.2f} s; "
+        f"certifier setup (pairwise margins, pair quantities) {r['setup']:.2f} s; "
+        f"training {r['train_s']:.1f} s"
+    )
+    print("\n| | global | anchored |")
+    print("|---|---|---|")
+    print(f"| samples/s | {r['rate']['global']:.1f} | {r['rate']['anchored']:.1f} |")
+    print(
+        f"| time ratio anchored/global | 1 | {r['ratio']:.2f} "
+        f"(median over batches {r['ratio_median']:.2f}) |"
+    )
+    ok = g.correct
+    med = [float(c.radius[ok].median()) if ok.any() else math.nan for c in (g, a)]
+    print(f"| median certified radius (correct) | {med[0]:.4f} | {med[1]:.4f} |")
+    for eps in r["eps"]:
+        cg, ca = g.certified_accuracy(eps), a.certified_accuracy(eps)
+        print(f"| certified accuracy, ε = {eps:.4f} | {cg:.4f} | {ca:.4f} |")
+        ug, ua = g.robust_accuracy_upper(eps), a.robust_accuracy_upper(eps)
+        print(f"| attack upper bound, ε = {eps:.4f} | {ug:.4f} | {ua:.4f} |")
+    print(f"| attack certificates | {len(g.attack_index)} | {len(a.attack_index)} |")
+    finite = torch.isfinite(g.curvature_constants)
+    ratio = (a.curvature_constants[finite] / g.curvature_constants[finite]).median()
+    print(f"| median margin curvature bound M_i | 1 | {float(ratio):.3f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--limit", type=int, default=10000, help="test images per model")
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--train", type=int, default=20000, help="training images (0: none)")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{args.threads} threads, batch {args.batch_size}"
+    )
+    for name in args.models:
+        report(bench(name, args.limit, args.batch_size, args.train, args.epochs))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,674 @@
+"""Robustness certificates and attack certificates from Lipschitz and curvature bounds (theory §6).
+
+For an input x predicted as class p, with logit gaps m_i = f_p(x) − f_i(x) > 0, margin gradients
+g_i = ‖∇(f_i − f_p)(x)‖ and constants L_i, M_i of the margin f_i − f_p:
+
+- **Lipschitz radius** r_Lip = min_i m_i/L_i;
+- **curvature radius** r_curv = min_i r_i, r_i = (−g_i + √(g_i² + 2M_i m_i))/M_i, the root of the
+  worst-case quadratic model −m_i + g_i‖δ‖ + (M_i/2)‖δ‖² (computed as 2m_i/(g_i + √(…)), which
+  is exact for M_i = 0 as well);
+- the certified **radius** is max(r_Lip, r_curv), 0 for a misclassified input: no perturbation of
+  norm < radius changes the prediction;
+- **attack certificate**: along u = ∇(f_i − f_p)/g_i, f_i − f_p ≥ −m_i + g_i t − (M_i/2)t², so when
+  g_i² > 2M_i m_i every t in (t*, t**) flips the label, t* = 2m_i/(g_i + √(g_i² − 2M_i m_i)).
+  The smallest t* over i is the **attack radius** (an upper bound on the distance to the nearest
+  adversarial example); the point x + t·u for a t just above t* is returned, with a flag saying
+  whether it lies in the input domain.
+
+Constants of the margins: pairwise ones from ``bf.margins()`` (theory §5) where it is available,
+else √2 times the global bound (the certificate's ``margin_source`` says which), and, with
+``local=True``, the curvature anchored at x (theory §7, :mod:`curvbound.runtime.anchored`) —
+per pair when the output layer can fold the margin, else √2 times the anchored bound; each
+M_i is the smallest of the valid bounds.
+
+Numerics: everything runs in float64 on a float64 copy of the model. Logit gaps are lowered and
+gradient norms raised (raised and lowered for attacks) by 1e-9 relative, which covers the rounding
+of a float64 forward and backward pass by a wide margin, and radii are rounded down.
+
+Example:
+    >>> import torch, curvbound
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    >>> x = torch.randn(64, 2)
+    >>> cert = curvbound.certify(net, x)
+    >>> print(cert.summary([0.01, 0.05]))  # doctest: +NORMALIZE_WHITESPACE
+    64 samples, no labels (the predictions are certified); margins: pairwise (bf.margins());
+    anchored curvature; bounds certified
+    eps     certified  Lipschitz  curvature  attack bound  gap
+    0.0100  1.0000     0.9844     1.0000     1.0000        0.0000
+    0.0500  0.9375     0.8750     0.9375     0.9375        0.0000
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, fields
+
+import sympy
+import torch
+from torch import Tensor, nn
+
+from ..compiler.errors import InputError, NonSmoothError
+from .anchored import Capture, anchor_state
+
+__all__ = [
+    "Certificate",
+    "AdversarialExamples",
+    "Certifier",
+    "certify",
+    "certify_dataset",
+    "lipschitz_radius",
+    "curvature_radius",
+    "attack_distance",
+]
+
+_REL = 1e-9  # relative allowance for the float64 rounding of logits and gradients
+_DOWN = 1 - 1e-12  # radii are rounded down by this factor
+
+
+@dataclass
+class AdversarialExamples:
+    """Points x + t·u from attack certificates (one per attacked sample).
+
+    ``index``: the samples they come from; ``points``: float64 (A, *input_shape); ``t``: their
+    distance to the sample; ``target``: the class i whose margin f_i − f_p is provably positive
+    there; ``in_domain``: whether each point lies in the domain box given to
+    :meth:`Certificate.adversarial_examples` (the certificate itself ignores the domain).
+    """
+
+    index: Tensor
+    points: Tensor
+    t: Tensor
+    target: Tensor
+    in_domain: Tensor
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @torch.no_grad()
+    def predictions(self, model: nn.Module, dtype: torch.dtype = torch.float64) -> Tensor:
+        """The classes ``model`` predicts at the points (a forward pass in ``dtype``)."""
+        if len(self) == 0:
+            return torch.zeros(0, dtype=torch.long)
+        ref = next((p for p in model.parameters()), None)
+        if ref is not None and ref.dtype != dtype:
+            import copy
+
+            model = copy.deepcopy(model).to(dtype)
+        return model(self.points.to(dtype)).argmax(dim=1)
+
+
+@dataclass
+class Certificate:
+    """Per-sample certificates of a batch or dataset (tensors of length N, float64 radii).
+
+    - ``predicted``: argmax of the logits; ``label``/``correct``: when labels were given;
+    - ``margin``: gap between the top logit and the runner-up;
+    - ``lipschitz_radius``, ``curvature_radius``: the two certified radii (theory §6);
+    - ``radius``: the best valid one (0 when misclassified): the prediction provably does not
+      change under any perturbation of ℓ2 norm < radius;
+    - ``attack_radius``: an adversarial example provably exists at any distance in
+      (attack_radius, attack_radius + something) (inf when no attack certificate); 0 when
+      misclassified; ``attack_class``: the class it flips to (−1 when none);
+    - per class (N, K): ``logit_gaps`` m_i, ``gradient_norms`` g_i, ``lipschitz_constants`` L_i
+      and ``curvature_constants`` M_i (∞ at the predicted class or when not used);
+    - ``certified``: every constant was a guaranteed bound (False with ``norms="estimate"``);
+      ``margin_source``: pairwise constants or the √2 fallback (and why); ``local``: anchored
+      curvature was used; ``curvature_used``: False for Lipschitz-only certificates.
+    """
+
+    predicted: Tensor
+    label: Tensor | None
+    correct: Tensor | None
+    margin: Tensor
+    lipschitz_radius: Tensor
+    curvature_radius: Tensor
+    radius: Tensor
+    attack_radius: Tensor
+    attack_class: Tensor
+    attack_t: Tensor
+    logit_gaps: Tensor
+    gradient_norms: Tensor
+    lipschitz_constants: Tensor
+    curvature_constants: Tensor
+    attack_index: Tensor
+    attack_points: Tensor
+    certified: bool
+    margin_source: str
+    local: bool
+    curvature_used: bool
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.predicted)
+
+    def _ok(self) -> Tensor:
+        if self.correct is not None:
+            return self.correct
+        return torch.ones_like(self.radius, dtype=torch.bool)
+
+    def certified_accuracy(self, eps: float) -> float:
+        """Fraction of samples that are correct (or, without labels, any) with radius > eps."""
+        if len(self) == 0:
+            return float("nan")
+        return float((self._ok() & (self.radius > eps)).double().mean())
+
+    def robust_accuracy_upper(self, eps: float) -> float:
+        """Upper bound on robust accuracy at eps: samples that are correct and have no attack
+        certificate below eps (misclassified samples count as attacked at distance 0)."""
+        if len(self) == 0:
+            return float("nan")
+        return float((self._ok() & ~(self.attack_radius < eps)).double().mean())
+
+    def _fraction(self, r: Tensor, eps: float) -> float:
+        return float((self._ok() & (r > eps)).double().mean()) if len(self) else float("nan")
+
+    def summary(self, eps_list: Sequence[float]) -> str:
+        """A printable table: per ε the certified accuracy (best, Lipschitz only, curvature
+        only), the attack-certificate upper bound on robust accuracy and the gap between them."""
+        n = len(self)
+        head = f"{n} samples, "
+        if self.correct is not None:
+            head += f"clean accuracy {float(self.correct.double().mean()):.4f}"
+        else:
+            head += "no labels (the predictions are certified)"
+        kind = "certified" if self.certified else "ESTIMATED (not guaranteed)"
+        curv = (
+            ("anchored curvature" if self.local else "global curvature")
+            if (self.curvature_used)
+            else "Lipschitz only"
+        )
+        head += f"; margins: {self.margin_source};\n{curv}; bounds {kind}"
+        rows = [("eps", "certified", "Lipschitz", "curvature", "attack bound", "gap")]
+        for eps in eps_list:
+            cert, up = self.certified_accuracy(eps), self.robust_accuracy_upper(eps)
+            rows.append((
+                f"{eps:.4f}", f"{cert:.4f}", f"{self._fraction(self.lipschitz_radius, eps):.4f}",
+                f"{self._fraction(self.curvature_radius, eps):.4f}", f"{up:.4f}",
+                f"{up - cert:.4f}",
+            ))  # fmt: skip
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        return "\n".join([head, *lines])
+
+    def adversarial_examples(
+        self, domain: tuple[float, float] | None = (0.0, 1.0)
+    ) -> AdversarialExamples:
+        """The points x + t·u of the attack certificates, with ``in_domain`` flags for the box
+        ``domain`` = (low, high) (``None``: every point counts as inside)."""
+        pts = self.attack_points
+        if domain is None or len(pts) == 0:
+            inside = torch.ones(len(pts), dtype=torch.bool)
+        else:
+            lo, hi = domain
+            flat = pts.flatten(1)
+            inside = ((flat >= lo) & (flat <= hi)).all(dim=1)
+        idx = self.attack_index
+        return AdversarialExamples(idx, pts, self.attack_t[idx], self.attack_class[idx], inside)
+
+    @staticmethod
+    def cat(parts: Sequence[Certificate]) -> Certificate:
+        """Concatenate certificates of consecutive batches (indices are shifted)."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        first = parts[0]
+        out = {}
+        offset, offsets = 0, []
+        for p in parts:
+            offsets.append(offset)
+            offset += len(p)
+        for f in fields(Certificate):
+            vals = [getattr(p, f.name) for p in parts]
+            if f.name == "attack_index":
+                out[f.name] = torch.cat([v + o for v, o in zip(vals, offsets)])
+            elif isinstance(vals[0], Tensor):
+                out[f.name] = torch.cat(vals)
+            elif vals[0] is None:
+                out[f.name] = None
+            elif f.name == "certified":
+                out[f.name] = all(vals)
+            elif f.name == "notes":
+                out[f.name] = list(dict.fromkeys(n for v in vals for n in v))
+            else:
+                out[f.name] = getattr(first, f.name)
+        return Certificate(**out)
+
+    def __repr__(self) -> str:
+        kind = "certified" if self.certified else "estimated"
+        med = float(self.radius.median()) if len(self) else float("nan")
+        return (
+            f"Certificate(n={len(self)}, median radius={med:.4g}, "
+            f"attacks={len(self.attack_index)}, {kind})"
+        )
+
+
+class Certifier:
+    """Certifies batches of one model with one compiled bound (what :func:`certify` and
+    :func:`certify_dataset` use). Build once, call :meth:`__call__` per batch.
+
+    The constants that do not depend on the input (pairwise margins, the pair quantities of the
+    anchored output block) are computed here once.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example: Tensor,
+        *,
+        bound_fn=None,
+        local: bool = True,
+        norms: str = "certified",
+        curvature: bool | None = None,
+        method: str = "compositional",
+    ):
+        from ..compiler.compile import compile as compile_bound
+
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        example, _ = _check_batch(example, None)
+        if bound_fn is not None and bound_fn.model is not model:
+            raise ValueError(
+                "bound_fn was compiled for a different model; pass the model it was compiled "
+                "from, or leave bound_fn=None to compile one"
+            )
+        self.notes: list[str] = []
+        bf = bound_fn
+        if bf is not None and local and getattr(bf, "_anchor", None) is None:
+            self.notes.append(
+                "bound_fn was not compiled with anchored=True; an anchored copy was compiled "
+                "with the same method and norms (custom rules are not carried over)"
+            )
+            bf = None
+            method, norms = bound_fn.method, bound_fn.norms
+        if bf is None:
+            bf = compile_bound(model, example[:1], method=method, norms=norms, anchored=local)
+        self.bf = bf
+        self.model = bf.model
+        nonsmooth = list(bf.nonsmooth_nodes)
+        self.curvature_used = curvature is not False
+        if nonsmooth:
+            where = ", ".join(f"'{n}'" for n in nonsmooth)
+            if curvature:
+                raise NonSmoothError(
+                    f"curvature certificates were requested, but nodes {where} are not C¹ "
+                    "(their derivative jumps), so the model has no finite curvature bound. Use "
+                    "smooth activations (tanh, softplus, ...) or certify with curvature=False "
+                    "(Lipschitz certificates only)."
+                )
+            if curvature is None:
+                warnings.warn(
+                    f"the model is not C¹ at nodes {where}: curvature bounds are infinite, "
+                    "falling back to Lipschitz certificates (and no attack certificates)",
+                    stacklevel=3,
+                )
+            self.curvature_used = False
+        anchored = getattr(bf, "_anchor", None) is not None
+        self.local = bool(local) and self.curvature_used and anchored
+        with torch.no_grad():
+            glob = bf()
+        self.certified = bool(glob.certified)
+        self.global_lipschitz = float(glob.lipschitz)
+        self.global_curvature = float(glob.curvature)
+        self._pairs(bf)
+        names = anchor_state(bf).nodes if self.local else []
+        self.capture = Capture(bf.gm, names)
+        self.anchored_pairs = _AnchoredPairs(bf) if self.local else None
+
+    def _pairs(self, bf) -> None:
+        k = self.classes = _classes(bf)
+        if k < 2:
+            raise InputError(f"certificates need a classifier with at least 2 outputs; got {k}")
+        root2 = math.sqrt(2) * (1 + 4 * 2.0**-53)
+        off = 1 - torch.eye(k, dtype=torch.float64)
+        try:
+            mg = bf.margins()
+            lip, curv = mg.lipschitz.double(), mg.curvature.double()
+            self.margin_source = "pairwise (bf.margins())" if mg.pairwise else mg.note
+            self.certified = self.certified and bool(mg.certified)
+        except Exception as exc:  # noqa: BLE001 - any failure falls back to the global bound
+            lip = root2 * self.global_lipschitz * off
+            curv = root2 * self.global_curvature * off
+            self.margin_source = f"√2·global bound (bf.margins() unavailable: {exc})"
+        self.pair_lipschitz = lip
+        self.pair_curvature = curv if self.curvature_used else torch.full_like(curv, math.inf)
+
+    def __call__(self, x: Tensor, y: Tensor | None = None) -> Certificate:
+        """Certificates for the batch ``x`` (labels ``y`` optional)."""
+        x, y = _check_batch(x, y)
+        x64 = x.detach().to(torch.float64).requires_grad_(True)
+        with torch.enable_grad():
+            logits, values = self.capture(x64)
+            if logits.dim() != 2 or logits.shape[1] != self.classes:
+                raise InputError(f"the model returned shape {tuple(logits.shape)}, expected (B, K)")
+            pred = logits.argmax(dim=1)
+            grads = _margin_gradients(logits, x64, pred)  # (K, B, *shape)
+        logits = logits.detach()
+        b, k = logits.shape
+        gaps = logits.gather(1, pred[:, None]) - logits  # m_i (B, K), 0 at p
+        g = grads.flatten(2).norm(dim=2).T.contiguous()  # (B, K)
+        is_p = torch.nn.functional.one_hot(pred, k).bool()
+        lip = self.pair_lipschitz[pred]  # (B, K)
+        curv = self.pair_curvature[pred]
+        if self.local:
+            # one evaluation of the anchored bound at every sample: the whole model's M(x)
+            # (times √2 for a margin) and, per pair, the folded output block
+            state = anchor_state(self.bf)
+            with state.anchored({n: v.detach() for n, v in values.items()}), torch.no_grad():
+                anch = self.bf()
+                qv = {n: q().detach().double() for n, q in self.bf.quantities.items()}
+            self.bf._last = None  # per-sample values must not feed bf.table()
+            root2 = math.sqrt(2) * (1 + 4 * 2.0**-53)
+            curv = torch.minimum(curv, root2 * anch.curvature.expand(b)[:, None])
+            pairs = self.anchored_pairs.curvature(anch, qv, pred)
+            if pairs is not None:
+                curv = torch.minimum(curv, pairs)
+        inf = torch.tensor(math.inf, dtype=torch.float64)
+        lip = torch.where(is_p, inf, lip)
+        curv = torch.where(is_p, inf, curv)
+        scale = logits.abs()
+        slack = _REL * (scale + scale.gather(1, pred[:, None])) + 1e-300
+        m_lo = torch.where(is_p, inf, (gaps - slack).clamp_min(0))
+        g_hi = g * (1 + _REL) + 1e-300
+        # certified radii
+        r_lip = torch.where(is_p, inf, lipschitz_radius(m_lo, lip)).amin(dim=1) * _DOWN
+        r_i = torch.where(is_p, inf, curvature_radius(m_lo, g_hi, curv))
+        r_curv = r_i.amin(dim=1) * _DOWN
+        if not self.curvature_used:
+            r_curv = torch.zeros_like(r_curv)
+        radius = torch.maximum(r_lip, r_curv)
+        correct = None if y is None else pred == y
+        if correct is not None:
+            radius = torch.where(correct, radius, torch.zeros_like(radius))
+        # attack certificates
+        m_hi = gaps + slack
+        g_lo = (g * (1 - _REL)).clamp_min(0)
+        t_star = torch.where(is_p, inf, attack_distance(m_hi, g_lo, curv))
+        root = torch.sqrt((g_lo * g_lo - 2 * curv * m_hi).clamp_min(0))
+        t_best, cls = t_star.min(dim=1)
+        attacked = torch.isfinite(t_best)
+        if correct is not None:
+            attacked = attacked & correct
+        attack_radius = torch.where(attacked, t_best, inf)
+        if correct is not None:
+            attack_radius = torch.where(correct, attack_radius, torch.zeros_like(attack_radius))
+        attack_class = torch.where(attacked, cls, torch.full_like(cls, -1))
+        # the example: t = t* + s with s = 0.1·min(D/M, t*), where the lower model is ≥ 0.95·D·s
+        d = root.gather(1, cls[:, None])[:, 0]
+        m_c = curv.gather(1, cls[:, None])[:, 0]
+        s = 0.1 * torch.minimum(torch.where(m_c > 0, d / m_c.clamp_min(1e-300), inf), t_best)
+        t_ex = torch.where(attacked, t_best + s, inf)
+        idx = attacked.nonzero()[:, 0]
+        direction = grads[cls[idx], idx].detach()
+        norms = direction.flatten(1).norm(dim=1).clamp_min(1e-300)
+        shape = (-1,) + (1,) * (direction.dim() - 1)
+        points = x64.detach()[idx] + (t_ex[idx] / norms).reshape(shape) * direction
+        return Certificate(
+            predicted=pred,
+            label=y,
+            correct=correct,
+            margin=_runner_up_gap(logits),
+            lipschitz_radius=r_lip,
+            curvature_radius=r_curv,
+            radius=radius,
+            attack_radius=attack_radius,
+            attack_class=attack_class,
+            attack_t=t_ex,
+            logit_gaps=torch.where(is_p, inf, gaps),
+            gradient_norms=g,
+            lipschitz_constants=lip,
+            curvature_constants=curv,
+            attack_index=idx,
+            attack_points=points,
+            certified=self.certified,
+            margin_source=self.margin_source,
+            local=self.local,
+            curvature_used=self.curvature_used,
+            notes=list(self.notes),
+        )
+
+
+def lipschitz_radius(m: Tensor, lipschitz: Tensor) -> Tensor:
+    """m/L: no perturbation of norm < m/L closes a gap m of an L-Lipschitz margin.
+
+    >>> float(lipschitz_radius(torch.tensor(1.0), torch.tensor(4.0)))
+    0.25
+    """
+    return m / lipschitz
+
+
+def curvature_radius(m: Tensor, g: Tensor, curvature: Tensor) -> Tensor:
+    """The root r of −m + g·r + (M/2)·r² (theory §6): 2m/(g + √(g² + 2Mm)), = m/g for M = 0,
+    0 for M = ∞. A margin with gap m, gradient norm g and curvature M cannot close within r.
+
+    >>> round(float(curvature_radius(torch.tensor(1.0), torch.tensor(1.0), torch.tensor(2.0))), 6)
+    0.618034
+    """
+    r = 2 * m / (g + torch.sqrt(g * g + 2 * curvature * m))
+    return torch.where(torch.isinf(curvature), torch.zeros_like(r), r)
+
+
+def attack_distance(m: Tensor, g: Tensor, curvature: Tensor) -> Tensor:
+    """t* = 2m/(g + √(g² − 2Mm)), the smaller root of −m + g·t − (M/2)·t² (theory §6): along the
+    gradient direction the margin provably flips for every t in (t*, t**). ∞ where g² ≤ 2Mm (no
+    certificate), where M = ∞, or where g = 0.
+
+    >>> round(float(attack_distance(torch.tensor(1.0), torch.tensor(3.0), torch.tensor(2.0))), 6)
+    0.381966
+    """
+    disc = g * g - 2 * curvature * m
+    ok = (disc > 0) & torch.isfinite(curvature) & (g > 0)
+    t = 2 * m / (g + torch.sqrt(disc.clamp_min(0)))
+    return torch.where(ok, t, torch.full_like(t, math.inf))
+
+
+class _AnchoredPairs:
+    """Pairwise anchored margin curvature: the output block's expression evaluated with the
+    anchored per-sample values (B, 1) and the per-pair quantities (P,) of ``bf.margins()``'s fold
+    (computed once: they depend on the last layer only), giving (B, P)."""
+
+    def __init__(self, bf):
+        from ..compiler.rounding import rounding_exponent, rounding_factor
+        from . import margins as mg
+
+        fold = getattr(bf, "_margin_fold", None)
+        out_info = next(nb for nb in bf._node_info if nb.name == bf.output)
+        self.ok = fold is not None
+        if not self.ok:
+            return
+        k = _classes(bf)
+        self.k = k
+        certified = bool(bf.certified)
+        ctx = mg._Context(k, certified)
+        self.i, self.j = ctx.i, ctx.j
+        self.pairs = {}
+        try:
+            with torch.no_grad():
+                for sym, pq in fold.fold.items():
+                    self.pairs[sym.name] = pq.pairs(ctx)
+        except NotImplementedError:
+            self.ok = False
+            return
+        self.expr = out_info.curvature.xreplace(
+            {m: sympy.Min(*m.args, *extra) for m, extra in fold.extra.items()}
+        )
+        self.factor = 1.0
+        if certified:
+            e = rounding_exponent(self.expr, {})
+            if e is None:
+                self.ok = False
+                return
+            self.factor = rounding_factor(e)
+        self.evaluate = mg._evaluate
+
+    def curvature(self, b, quantities: dict[str, Tensor], pred: Tensor) -> Tensor | None:
+        """(B, K) anchored curvature of the margins f_i − f_p from the anchored bounds ``b`` and
+        the anchored quantity values, or None when not available."""
+        if not self.ok:
+            return None
+        vals = {name: _column(v) for name, v in quantities.items()}
+        for name, (L, M) in b.nodes.items():
+            vals[f"L_{name}"] = _column(L.detach().double())
+            vals[f"M_{name}"] = _column(M.detach().double())
+        vals.update(self.pairs)
+        c = self.evaluate(self.expr, vals) * self.factor
+        batch = len(pred)
+        c = torch.broadcast_to(c, (batch, len(self.i)))
+        square = torch.zeros(batch, self.k, self.k, dtype=torch.float64)
+        square[:, self.i, self.j] = c
+        square[:, self.j, self.i] = c
+        return square[torch.arange(batch), pred]
+
+
+def _column(v: Tensor) -> Tensor:
+    return v.reshape(-1, 1) if v.dim() == 1 else v
+
+
+def _classes(bf) -> int:
+    for node in bf.gm.graph.nodes:
+        if node.name == bf.output:
+            return math.prod(node.meta["tensor_meta"].shape[1:])
+    raise ValueError(f"output node '{bf.output}' not found")
+
+
+def _runner_up_gap(logits: Tensor) -> Tensor:
+    top = logits.topk(2, dim=1).values
+    return top[:, 0] - top[:, 1]
+
+
+def _margin_gradients(logits: Tensor, x: Tensor, pred: Tensor) -> Tensor:
+    """∇(f_i − f_p)(x) for every class i and sample: (K, B, *input_shape).
+
+    One backward pass per class over the whole batch, with cotangent e_i − e_p per sample (no loop
+    over samples). On CPU this is faster than one vmapped pass (``is_grads_batched``), which
+    falls back to slow kernels for convolutions.
+    """
+    b, k = logits.shape
+    eye = torch.eye(k, dtype=logits.dtype)
+    cot = eye[:, None, :] - torch.nn.functional.one_hot(pred, k).to(logits.dtype)[None]
+    out = []
+    for i in range(k):
+        (gi,) = torch.autograd.grad(logits, x, cot[i], retain_graph=i + 1 < k)
+        out.append(gi)
+    return torch.stack(out)
+
+
+def _check_batch(x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2:
+        raise InputError(
+            "x must be a floating-point tensor with a batch dimension (B, *input_shape), got "
+            f"{type(x).__name__}{tuple(x.shape) if isinstance(x, Tensor) else ''}"
+        )
+    if y is not None:
+        y = torch.as_tensor(y)
+        if y.shape != (len(x),) or y.is_floating_point():
+            raise InputError(
+                f"y must hold one integer label per sample, shape ({len(x)},), "
+                f"got {tuple(y.shape)} {y.dtype}"
+            )
+        y = y.long()
+    return x, y
+
+
+def certify(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor | None = None,
+    *,
+    bound_fn=None,
+    local: bool = True,
+    norms: str = "certified",
+    curvature: bool | None = None,
+    method: str = "compositional",
+) -> Certificate:
+    """Certified radii and attack certificates for the batch ``x`` (theory §6–§7).
+
+    Args:
+        model: a classifier returning logits (B, K).
+        x: the inputs (B, *input_shape); ``y``: their labels (optional; without them the
+            prediction is certified).
+        bound_fn: a compiled bound to reuse (``curvbound.compile``; with ``anchored=True`` for
+            ``local``); compiled here when None.
+        local: use curvature anchored at each input (tighter, one extra pass per batch).
+        norms: ``"certified"`` (guaranteed) or ``"estimate"`` (quick, not guaranteed).
+        curvature: None: curvature certificates when the model is C¹, else a warning and
+            Lipschitz certificates; True: raise :class:`~curvbound.NonSmoothError` for a non-C¹
+            model; False: Lipschitz certificates only.
+        method: the bound's method when it is compiled here.
+
+    Returns:
+        a :class:`Certificate` (see the module docstring for an example).
+    """
+    cert = Certifier(
+        model, x, bound_fn=bound_fn, local=local, norms=norms, curvature=curvature, method=method
+    )
+    return cert(x, y)
+
+
+def certify_dataset(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    bound_fn=None,
+    local: bool = True,
+    norms: str = "certified",
+    curvature: bool | None = None,
+    method: str = "compositional",
+    limit: int | None = None,
+    progress: bool = True,
+) -> Certificate:
+    """Certify a dataset batch by batch and return the concatenated :class:`Certificate`.
+
+    ``loader`` yields ``(x, y)`` pairs or bare ``x`` batches (a ``DataLoader`` or any iterable);
+    the bound is compiled once from the first batch. ``limit`` stops after that many samples;
+    ``progress`` prints a one-line progress report on stderr.
+    """
+    certifier: Certifier | None = None
+    parts: list[Certificate] = []
+    total = _length(loader)
+    if limit is not None:
+        total = min(total, limit) if total is not None else limit
+    done, start = 0, time.perf_counter()
+    for batch in loader:
+        x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+        if limit is not None:
+            x = x[: limit - done]
+            y = None if y is None else y[: limit - done]
+        if len(x) == 0:
+            break
+        if certifier is None:
+            certifier = Certifier(
+                model,
+                x,
+                bound_fn=bound_fn,
+                local=local,
+                norms=norms,
+                curvature=curvature,
+                method=method,
+            )
+        parts.append(certifier(x, y))
+        done += len(x)
+        if progress:
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            of = f"/{total}" if total else ""
+            sys.stderr.write(f"\rcertify: {done}{of} samples, {rate:.1f} samples/s")
+            sys.stderr.flush()
+        if limit is not None and done >= limit:
+            break
+    if progress and parts:
+        sys.stderr.write("\n")
+    if not parts:
+        raise InputError("the loader yielded no samples")
+    return Certificate.cat(parts)
+
+
+def _length(loader) -> int | None:
+    dataset = getattr(loader, "dataset", None)
+    try:
+        return len(dataset) if dataset is not None else len(loader)
+    except TypeError:
+        return None

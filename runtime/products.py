@@ -1,0 +1,573 @@
+"""Run-time quantities of the tightness methods (theory §3, §4, §10).
+
+- :class:`ProductNorm`: ‖A_i ⋯ A_j‖ for consecutive linear maps of one chain segment (LipLT). All
+  products of a :class:`Segment` advance together, in **one batched power iteration**: each step is a
+  single sweep of the segment's layers on a batch holding every product's iteration vector, and one
+  backward pass (autograd gives Aᵀ). Certified mode materialises a product when that is cheap and
+  otherwise takes the best split ‖A_i⋯A_{k+1}‖·‖A_k⋯A_j‖ of certified factors.
+- :class:`HadamardNorm`: ‖Â‖ for Â: v ↦ G·diag(v)·W, the vectorised-Jacobian constant of a block
+  x ↦ G σ(W x + b) (theory §3 (c)): ‖Â‖² = λ_max((GᵀG) ∘ (WWᵀ)).
+- :class:`CRTSensitivity`: max_j (S_I)_j of Singla & Feizi's |W|-product recursion (theory §10).
+
+Every quantity reads the model's live parameters through the operators, like
+:class:`~curvbound.runtime.norms.Norm`.
+
+>>> W1 = torch.tensor([[2.0, 0.0], [0.0, 1.0]]); W2 = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+>>> A1, A2 = Dense(lambda: W1, (2,), (2,)), Dense(lambda: W2, (2,), (2,))
+>>> seg = Segment([A1, A2])
+>>> p = seg.add(ProductNorm(seg, 1, 0, ProductChain([A1, A2]), "estimate"))
+>>> p.step(20); round(float(p()), 6)
+2.0
+>>> round(float(HadamardNorm(A2, A1, "certified")()), 6)   # ‖Â‖ for G = W2, W = W1
+2.0
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .norms import Constant, Norm, Quantity
+from .operators import (
+    MATERIALIZE_LIMIT,
+    Chain,
+    Conv,
+    Dense,
+    LinearOperator,
+    exact_arithmetic,
+    precise,
+)
+
+__all__ = [
+    "PRODUCT_ENTRY_LIMIT",
+    "PRODUCT_COST_LIMIT",
+    "HADAMARD_HIDDEN_LIMIT",
+    "HADAMARD_COST_LIMIT",
+    "apply_cost",
+    "matrix_of",
+    "single_core",
+    "ProductChain",
+    "Segment",
+    "ProductNorm",
+    "HadamardNorm",
+    "hadamard_feasible",
+    "LipLTFactor",
+    "liplt_step",
+    "CRTSensitivity",
+]
+
+#: A product of several layers is materialised for its certified norm up to this many entries ...
+PRODUCT_ENTRY_LIMIT = 1 << 22
+#: ... and this many multiply-adds (otherwise: the best split into certified factors).
+PRODUCT_COST_LIMIT = 2e9
+#: A product of dense layers is multiplied out (float64 matmuls) up to this many multiply-adds.
+PRODUCT_DENSE_LIMIT = 4e9
+#: The block norm ‖Â‖ is used when the hidden width m is at most this ...
+HADAMARD_HIDDEN_LIMIT = 2048
+#: ... and (except for the output block) its m×m Gram matrix costs at most this many
+#: multiply-adds, m²·(out + in + m).
+HADAMARD_COST_LIMIT = 1 << 28
+
+_U = 2.0**-53
+#: Lanczos cycle length of the batched product iteration (see :meth:`Segment.sweep`).
+LANCZOS_CYCLE = 20
+
+
+def _numel(shape: Sequence[int]) -> int:
+    return math.prod(shape)
+
+
+def _gamma(n: int) -> float:
+    """γ_n = n·u/(1 − n·u): the relative error bound of an n-term float64 dot product."""
+    return n * _U / (1 - n * _U)
+
+
+def apply_cost(op: LinearOperator) -> float:
+    """Multiply-adds of applying ``op`` to one sample (a rough count for cost limits)."""
+    if isinstance(op, Chain):
+        return float(sum(apply_cost(o) for o in op.ops))
+    if op.isometric:
+        return 0.0
+    if isinstance(op, Dense):
+        return float(_numel(op.out_shape) * (op.in_shape[-1] if op.in_shape else 1))
+    if isinstance(op, Conv):
+        return float(_numel(op.out_shape) * op.weight()[0].numel())
+    return float(_numel(op.in_shape) + _numel(op.out_shape))
+
+
+def single_core(op: LinearOperator) -> bool:
+    """True when ``op`` has one non-isometric factor: its matrix is materialised without rounding
+    (each entry is one weight entry, up to the one rounding of a folded batch-norm scale)."""
+    core = op.core if isinstance(op, Chain) else ([] if op.isometric else [op])
+    return len(core) == 1
+
+
+def matrix_of(op: LinearOperator) -> Tensor:
+    """The (n_out, n_in) matrix of ``op``, differentiable in the live parameters.
+
+    >>> matrix_of(Dense(lambda: torch.ones(2, 3), (3,), (2,))).shape
+    torch.Size([2, 3])
+    """
+    if isinstance(op, Dense) and len(op.in_shape) == 1 and len(op.out_shape) == 1:
+        return precise(op.weight())
+    ref = op.tensors()
+    dtype = ref[0].dtype if ref and ref[0].is_floating_point() else torch.float64
+    dtype = precise(torch.zeros((), dtype=dtype)).dtype
+    n = _numel(op.in_shape)
+    eye = torch.eye(n, dtype=dtype, device=ref[0].device if ref else None)
+    return op.apply(eye.reshape(n, *op.in_shape)).reshape(n, -1).T
+
+
+class ProductChain(Chain):
+    """A product A_i⋯A_j of a segment's layers. Its certified norm is an exact float64 SVD of the
+    materialised product (with a rounding bound) when that is cheap; otherwise it raises
+    ``NotImplementedError`` and :class:`ProductNorm` splits it into certified factors."""
+
+    def __init__(self, ops: Sequence[LinearOperator]):
+        flat: list[LinearOperator] = []
+        for op in ops:
+            flat.extend(op.ops if isinstance(op, Chain) else [op])
+        super().__init__(flat)
+
+    def certified_norm(self) -> Tensor:
+        if len(self.core) <= 1:
+            return super().certified_norm()
+        mats = self._dense_factors()
+        if mats is not None:
+            cost = sum(m.shape[0] * m.shape[1] for m in mats[:-1]) * mats[-1].shape[1]
+            if cost <= PRODUCT_DENSE_LIMIT:
+                return _dense_product_norm(mats)
+        n_in, n_out = _numel(self.in_shape), _numel(self.out_shape)
+        cost = 3.0 * min(n_in, n_out) * apply_cost(self)
+        small = n_in * n_out <= PRODUCT_ENTRY_LIMIT and min(n_in, n_out) <= MATERIALIZE_LIMIT
+        if small and cost <= PRODUCT_COST_LIMIT:
+            return LinearOperator.certified_norm(self)
+        raise NotImplementedError(
+            f"the product {self.describe()} ({self.in_shape} -> {self.out_shape}) is too costly "
+            "to materialise"
+        )
+
+
+    def _dense_factors(self) -> list[Tensor] | None:
+        """The weight matrices W_i, …, W_j (output side first) when every factor is a dense layer
+        and every reshape keeps the flat order (flatten), else None."""
+        mats: list[Tensor] = []
+        with exact_arithmetic():
+            for op in self.ops:
+                if op.isometric:
+                    n = _numel(op.in_shape)
+                    probe = torch.arange(n, dtype=torch.float64).reshape(1, *op.in_shape)
+                    if not torch.equal(op.apply(probe).reshape(-1), probe.reshape(-1)):
+                        return None
+                    continue
+                if not (isinstance(op, Dense) and len(op.in_shape) == len(op.out_shape) == 1):
+                    return None
+                mats.append(precise(op.weight()).detach().double())
+        return mats[::-1]
+
+
+def _dense_product_norm(mats: list[Tensor]) -> Tensor:
+    """Certified ‖W_i⋯W_j‖ from the float64 product of the matrices (output side first): an exact
+    SVD of the computed product plus the rounding bound γ_p·Π‖|W_k|‖ (Higham §3.5; p = the summed
+    inner dimensions), ‖|W_k|‖ ≤ ‖W_k‖_F."""
+    from .certified import dense_norm
+
+    prod = mats[0]
+    terms = 0
+    for w in mats[1:]:
+        terms += w.shape[0]
+        prod = prod @ w
+    abs_bound = math.prod(float(torch.linalg.matrix_norm(w)) for w in mats)
+    return dense_norm(prod) + 2 * _gamma(terms + len(mats)) * abs_bound
+
+
+class Segment:
+    """A chain segment of the graph: z_0 = A_0·s + b_0, z_k = A_k·σ_{k−1}(z_{k−1}) + b_k.
+
+    Holds the layers ``ops``, the product quantities by (i, j) (``norms``: its own and, for a
+    segment forked from another, the parent's shared ones) and the batched power iteration over
+    its own products. Graph bookkeeping (nodes, activation slopes) is attached by the compiler pass
+    (:mod:`curvbound.passes.lipschitz_lt`).
+    """
+
+    def __init__(self, ops: Sequence[LinearOperator]):
+        self.ops: list[LinearOperator] = list(ops)
+        self.norms: dict[tuple[int, int], ProductNorm] = {}
+        self.own: list[ProductNorm] = []
+
+    def add(self, member: ProductNorm, own: bool = True) -> ProductNorm:
+        """Register a product quantity (``own``: stepped by this segment's batched iteration)."""
+        self.norms[(member.i, member.j)] = member
+        if own:
+            self.own.append(member)
+        return member
+
+    def advance(self, member: ProductNorm, steps: int) -> None:
+        """Bring ``member`` ``steps`` further, batched with the other products that lag behind.
+
+        The first request of a round (e.g. of :meth:`BoundFunction.refresh`) steps every lagging
+        product that has not converged, so the later requests of the round find their product
+        already advanced and cost nothing; a product whose last cycle no longer increased its
+        estimate is left out until it asks itself.
+        """
+        member._seen += steps
+        target = member._seen
+        if member._done >= target:
+            return
+        batch = [
+            m
+            for m in self.own
+            if not m.certified and m._done < target and (m is member or not m._converged
+                                                          or member._converged)
+        ]
+        run = target - member._done
+        self.sweep(run, batch)
+        for m in batch:
+            m._done += run
+
+    def sweep(self, steps: int, members: list[ProductNorm] | None = None) -> None:
+        """``steps`` applications of AᵀA to every own product, batched (restarted Lanczos).
+
+        Each cycle of up to :data:`LANCZOS_CYCLE` steps builds the Krylov basis of AᵀA from the
+        current vector u (full reorthogonalisation, float64) and restarts from the top Ritz vector.
+        Since u lies in that Krylov space, ‖A u‖ never decreases; for the nearly equal top singular
+        values of random or briefly trained layers it converges in far fewer steps than power
+        iteration (error ~exp(−4s√δ) per cycle of s steps instead of (1 − δ)^(2s), δ the gap).
+        """
+        live = [m for m in (self.own if members is None else members) if not m.certified]
+        while live and steps > 0:
+            cycle = min(steps, LANCZOS_CYCLE)
+            self._lanczos(live, cycle)
+            steps -= cycle
+
+    def _gram(self, live: list[ProductNorm], xs: list[Tensor]) -> list[Tensor]:
+        """AᵀA x for every live product at once: one sweep through the layers and one backward."""
+        with torch.enable_grad():
+            xs = [x.detach().to(m._dtype()).requires_grad_(True) for m, x in zip(live, xs)]
+            outs: list[Tensor] = []
+            carry: list[tuple[int, Tensor]] = []
+            for layer, op in enumerate(self.ops):
+                carry += [(k, xs[k]) for k, m in enumerate(live) if m.j == layer]
+                if not carry:
+                    continue
+                y = op.apply(torch.cat([t for _, t in carry]))
+                parts = y.split([t.shape[0] for _, t in carry])
+                nxt = []
+                for (k, _), part in zip(carry, parts):
+                    if live[k].i == layer:
+                        outs.append(part)
+                    else:
+                        nxt.append((k, part))
+                carry = nxt
+            # d/dx ⟨Ax, (Ax)⟩ with the second factor held fixed is AᵀAx, for every row at once
+            loss = sum((y * y.detach()).sum() for y in outs)
+            grads = torch.autograd.grad(loss, xs, allow_unused=True)
+        return [torch.zeros_like(x) if g is None else g.detach() for x, g in zip(xs, grads)]
+
+    @torch.no_grad()
+    def _lanczos(self, live: list[ProductNorm], cycle: int) -> None:
+        shapes = [m.u.shape for m in live]
+        basis = [[_unit_flat(m.u)] for m in live]
+        alphas: list[list[float]] = [[] for _ in live]
+        betas: list[list[float]] = [[] for _ in live]
+        running = [True] * len(live)
+        for _ in range(cycle):
+            if not any(running):
+                break
+            ws = self._gram(live, [b[-1].reshape(sh) for b, sh in zip(basis, shapes)])
+            for k, w in enumerate(ws):
+                if not running[k]:
+                    continue
+                w = w.reshape(-1).double()
+                if not torch.isfinite(w).all():
+                    running[k] = False
+                    continue
+                v = basis[k]
+                a = float(v[-1] @ w)
+                alphas[k].append(a)
+                for _ in range(2):  # full reorthogonalisation, twice is enough
+                    w = w - torch.stack(v).T @ (torch.stack(v) @ w)
+                b = float(w.norm())
+                if b <= 1e-12 * max(abs(a), 1e-300) or len(alphas[k]) == cycle:
+                    running[k] = False
+                    continue
+                betas[k].append(b)
+                v.append(w / b)
+        for k, m in enumerate(live):
+            n = len(alphas[k])
+            if n == 0:
+                continue
+            t = torch.diag(torch.tensor(alphas[k], dtype=torch.float64))
+            off = torch.tensor(betas[k][: n - 1], dtype=torch.float64)
+            t = t + torch.diag(off, 1) + torch.diag(off, -1)
+            vals, vecs = torch.linalg.eigh(t)
+            # converged: the cycle did not raise the Rayleigh quotient (the Ritz value ≥ it)
+            m._converged = float(vals[-1]) - alphas[k][0] <= 1e-10 * abs(float(vals[-1]))
+            u = torch.stack(basis[k][:n]).T @ vecs[:, -1]
+            norm = u.norm()
+            if torch.isfinite(norm) and norm > 0:
+                m.u.copy_((u / norm).reshape(m.u.shape).to(m.u.dtype))
+
+
+def _unit_flat(u: Tensor) -> Tensor:
+    v = u.detach().reshape(-1).double()
+    return v / v.norm().clamp_min(1e-300)
+
+
+class ProductNorm(Norm):
+    """‖A_i⋯A_j‖ of segment layers j..i, a :class:`~curvbound.runtime.norms.Norm` whose power
+    iteration is batched with the other products of its segment (see :class:`Segment`)."""
+
+    def __init__(
+        self,
+        segment: Segment,
+        i: int,
+        j: int,
+        op: LinearOperator,
+        mode: str = "estimate",
+        *,
+        seed: int = 0,
+        label: str = "",
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__(op, mode, seed=seed, label=label, dtype=dtype)
+        self.segment, self.i, self.j = segment, i, j
+        # steps requested, steps applied, and whether the last cycle left the estimate unchanged
+        self._seen, self._done, self._converged = 0, 0, False
+
+    def step(self, steps: int = 1) -> None:
+        if not self.certified:
+            self.segment.advance(self, steps)
+
+    def forward(self) -> Tensor:
+        if not self.certified:
+            return super().forward()
+        try:
+            return super().forward()
+        except NotImplementedError:
+            pass
+        with exact_arithmetic(), torch.no_grad():
+            current = [t.detach() for t in self.op.tensors()]
+            value = self._cached(current)
+            if value is None:
+                value = self._best_split()
+                self._cache = ([t.clone() for t in current], value)
+                self.note = "product of certified factors (too costly to materialise)"
+        return value
+
+    def _best_split(self) -> Tensor:
+        """min over k of ‖A_i⋯A_{k+1}‖·‖A_k⋯A_j‖ from certified members (recursively)."""
+        norms = self.segment.norms
+        memo: dict[tuple[int, int], Tensor | None] = {}
+
+        def best(i: int, j: int) -> Tensor | None:
+            if (i, j) in memo:
+                return memo[(i, j)]
+            memo[(i, j)] = None  # guards against re-entry
+            cands: list[Tensor] = []
+            m = norms.get((i, j))
+            if m is not None and m is not self and m.certified:
+                try:
+                    cands.append(m())
+                except NotImplementedError:
+                    pass
+            for k in range(j, i):
+                a, b = best(i, k + 1), best(k, j)
+                if a is not None and b is not None:
+                    cands.append(a * b)
+            memo[(i, j)] = min(cands, key=float) if cands else None
+            return memo[(i, j)]
+
+        out = best(self.i, self.j)
+        if out is None:
+            raise NotImplementedError(f"no certified factors for {self.op.describe()}")
+        return out
+
+
+def hadamard_feasible(G: LinearOperator, W: LinearOperator, *, final: bool = False) -> bool:
+    """Whether ‖Â‖ of the block G σ(W·) is computed: single-factor G and W (exact matrices), hidden
+    width m ≤ :data:`HADAMARD_HIDDEN_LIMIT` and, unless ``final`` (the output block, which the
+    paper's Algorithm 1 always needs), m²·(out + in + m) ≤ :data:`HADAMARD_COST_LIMIT`."""
+    m = _numel(G.in_shape)
+    if m != _numel(W.out_shape) or m > HADAMARD_HIDDEN_LIMIT:
+        return False
+    if not (single_core(G) and single_core(W)):
+        return False
+    if _numel(G.out_shape) * m > PRODUCT_ENTRY_LIMIT or m * _numel(W.in_shape) > PRODUCT_ENTRY_LIMIT:
+        return False
+    return final or m * m * (_numel(G.out_shape) + _numel(W.in_shape) + m) <= HADAMARD_COST_LIMIT
+
+
+class HadamardNorm(Quantity):
+    """‖Â‖ for the block x ↦ G σ(W x + b) (theory §3 (c)): Â maps v to G·diag(v)·W, its column l
+    is vec(g_l w_lᵀ), so ‖Â‖² = λ_max(S) with S = (GᵀG) ∘ (WWᵀ) (m×m, m the hidden width).
+
+    Computed from S by a symmetric eigensolver (differentiable; labelled an estimate) or, in
+    certified mode, as ‖Ŝ‖₂ (exact float64 SVD, certified) plus an explicit bound on the rounding
+    of Ŝ, cached until a parameter changes.
+    """
+
+    def __init__(self, G: LinearOperator, W: LinearOperator, mode: str = "estimate", label=""):
+        super().__init__()
+        if _numel(G.in_shape) != _numel(W.out_shape):
+            raise ValueError(f"G takes {G.in_shape}, W gives {W.out_shape}: not one hidden layer")
+        self.G, self.W, self.mode = G, W, mode
+        self.label = label or f"Â[{G.describe()} ∘ σ ∘ {W.describe()}]"
+        self.certified = mode == "certified"
+        self._cache: tuple[list[Tensor], Tensor] | None = None
+
+    def matrices(self) -> tuple[Tensor, Tensor]:
+        """(G as out×m, W as m×in) matrices of the live parameters."""
+        g, w = matrix_of(self.G), matrix_of(self.W)
+        return g, w.to(g.dtype)
+
+    def forward(self) -> Tensor:
+        if not self.certified:
+            g, w = self.matrices()
+            s = (g.T @ g) * (w @ w.T)
+            return torch.linalg.eigvalsh(s)[-1].clamp_min(0).sqrt()
+        with exact_arithmetic(), torch.no_grad():
+            current = [t.detach().clone() for t in self.G.tensors() + self.W.tensors()]
+            if self._cache is not None and len(self._cache[0]) == len(current) and all(
+                a.shape == b.shape and torch.equal(a, b) for a, b in zip(self._cache[0], current)
+            ):
+                return self._cache[1]
+            value = self._certified()
+            self._cache = (current, value)
+        return value
+
+    def _certified(self) -> Tensor:
+        from .certified import certify, dense_norm
+
+        g, w = (t.detach().double() for t in self.matrices())
+        a1, a2 = g.T @ g, w @ w.T
+        s = a1 * a2
+        # |Â1 − GᵀG| ≤ γ|G|ᵀ|G|, |Â2 − WWᵀ| ≤ γ|W||W|ᵀ (dot products; +8 covers the entries' own
+        # rounding when a batch-norm scale was folded in), then the Hadamard product rounds once.
+        e1 = _gamma(g.shape[0] + 8) * (g.abs().T @ g.abs())
+        e2 = _gamma(w.shape[1] + 8) * (w.abs() @ w.abs().T)
+        err = (e1 * (a2.abs() + e2) + a1.abs() * e2 + _U * s.abs()) * (1 + 1e-6)
+        lam = dense_norm(s) + torch.linalg.matrix_norm(err)  # λ_max(S) ≤ ‖Ŝ‖₂ + ‖S − Ŝ‖_F
+        return certify(torch.sqrt(lam) * (1 + 4 * _U))
+
+    def extra_repr(self) -> str:
+        return f"{self.label}, mode={self.mode}"
+
+
+def liplt_step(i: int, acts, mu: list, product) -> Any:
+    """μ_i from μ_0..μ_{i−1}, ``acts[k]`` = (|c_k|, d_k, …) and ``product((i, j))`` = ‖A_i⋯A_j‖
+    (tensors of any shape broadcast: the pairwise margins use vectors)."""
+    if i == 0:
+        return product((0, 0))
+    total, coef = None, 1.0
+    for jj in range(i):
+        k = i - 1 - jj  # ψ_k(z_k) mapped through A_i⋯A_{k+1}
+        c, d = acts[k][0], acts[k][1]
+        if d != 0:
+            term = coef * d * product((i, k + 1)) * mu[k]
+            total = term if total is None else total + term
+        coef *= c
+        if coef == 0:
+            return total
+    term = coef * product((i, 0))
+    return term if total is None else total + term
+
+
+class LipLTFactor(Quantity):
+    """μ_n: the LipLT bound of node n of a chain segment per unit Lipschitz constant of the segment's
+    start s (theory §4), so that L(z_n) ≤ μ_n·L_s. With σ_k = c_k·id + ψ_k (ψ_k d_k-Lipschitz),
+
+        μ_0 = ‖A_0‖,  μ_i = Σ_{j<i} (Π_{l=i−j}^{i−1}|c_l|)·d_{i−j−1}·‖A_i⋯A_{i−j}‖·μ_{i−j−1}
+                          + (Π_{l<i}|c_l|)·‖A_i⋯A_0‖.
+
+    A numeric quantity rather than a symbolic expression because the recursion, written out as a
+    formula, grows exponentially with the depth. ``products`` maps (i, j) to the norm quantities
+    of A_i⋯A_j (owned by the bound function, not by this module); ``acts`` holds (|c_k|, d_k,
+    sup|σ_k'|) rounded up. With ``keep_product`` every step also takes the minimum with the
+    product bound ‖A_i‖·sup|σ'_{i−1}|·μ_{i−1} (both are valid). Certified when every product is:
+    computed in float64 from the certified values, times a factor covering its rounding (all
+    terms are nonnegative).
+
+    >>> one, half = Constant(1.0), Constant(0.5)
+    >>> mu = LipLTFactor(1, [(0.5, 0.5, 1.0)], {(0, 0): one, (1, 1): one, (1, 0): half})
+    >>> round(float(mu()), 9)  # ½·‖A_1‖·μ_0 + ½·‖A_1A_0‖
+    0.75
+    """
+
+    def __init__(self, n: int, acts: Sequence[tuple[float, float, float]],
+                 products: dict[tuple[int, int], Quantity], *, keep_product: bool = False,
+                 label: str = ""):
+        super().__init__()
+        self.n, self.acts, self.label = n, [tuple(a) for a in acts], label
+        self.keep_product = keep_product
+        object.__setattr__(self, "_products", dict(products))  # not submodules: no duplicates
+        self.certified = all(q.certified for q in products.values())
+        missing = [q.note for q in products.values() if q.note]
+        self.note = "; ".join(missing)
+
+    def values(self) -> list[Tensor]:
+        """μ_0, …, μ_n."""
+        p = {key: q() for key, q in self._products.items()}
+        mu: list[Tensor] = []
+        for i in range(self.n + 1):
+            total = liplt_step(i, self.acts, mu, lambda key: p[key])
+            if self.keep_product and i > 0:  # the product bound ‖A_i‖·sup|σ'|·μ_{i−1}
+                total = torch.minimum(total, p[(i, i)] * self.acts[i - 1][2] * mu[i - 1])
+            mu.append(total)
+        return mu
+
+    def forward(self) -> Tensor:
+        if not self.certified:
+            return self.values()[-1]
+        from ..compiler.rounding import rounding_factor
+
+        with torch.no_grad():
+            value = self.values()[-1].double()
+        return value * rounding_factor(8.0 * (self.n + 1) ** 2)
+
+    def extra_repr(self) -> str:
+        return f"{self.label}, n={self.n}, certified={self.certified}"
+
+
+class CRTSensitivity(Quantity):
+    """max_j of Singla & Feizi's S_I without its slope factors (theory §10), for the worst unit c.
+
+    ``ops`` are the weight layers W_{I+1}, …, W_L of an MLP (matrices via :func:`matrix_of`). With
+    S_{L−1} = (‖W_L e_k‖)_k, the column norms (≥ |cᵀW_L| entrywise for every unit c), and
+    S_I = S_{I+1}·|W_{I+1}|, the value is max_j (S_I)_j; the expression multiplies it by
+    g^{L−1−I}. Computed exactly in float64 (nonnegative sums, rounded up in certified mode).
+
+    >>> W = torch.tensor([[3.0, -4.0]])
+    >>> float(CRTSensitivity([Dense(lambda: W, (2,), (1,))])())
+    4.0
+    """
+
+    def __init__(self, ops: Sequence[LinearOperator], mode: str = "estimate", label: str = ""):
+        super().__init__()
+        self.ops, self.mode, self.label = list(ops), mode, label
+        self.certified = mode == "certified"
+
+    def vectors(self, top: Tensor | None = None) -> Tensor:
+        """S_I for the rows of ``top`` (P×m_{L−1} values of |cᵀW_L|; default: column norms)."""
+        mats = [matrix_of(op) for op in self.ops]
+        s = mats[-1].norm(dim=0, keepdim=True) if top is None else top
+        for w in reversed(mats[:-1]):
+            s = s @ w.abs().to(s.dtype)
+        return s
+
+    def forward(self) -> Tensor:
+        if not self.certified:
+            return self.vectors().max()
+        with exact_arithmetic(), torch.no_grad():
+            value = self.vectors().double().max()
+            terms = sum(_numel(op.in_shape) + 2 for op in self.ops)
+        from .certified import certify
+
+        return certify(value * (1 + 2 * _gamma(terms)))
+
+    def extra_repr(self) -> str:
+        return f"{self.label}, mode={self.mode}"
