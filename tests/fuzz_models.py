@@ -578,11 +578,37 @@ def random_op_case(rng: random.Random, kind: str | None = None) -> OpCase:
         act = _activation_module(rng)
         model = nn.Sequential(conv, act).eval()
         return OpCase(model, shape, False, f"{conv!r} → {act!r}", conv, act)
+    if kind in ("add", "cat"):
+        d = rng.randint(1, 24)
+        a, b = _linear(rng, d, rng.randint(1, 24), 1.0), None
+        b = _linear(rng, d, a.out_features if kind == "add" else rng.randint(1, 24), 1.0)
+        alpha = rng.choice([-2.0, -1.0, 0.5, 1.0])
+
+        class Branches(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a, self.b = a, b
+
+            def forward(self, x):
+                if kind == "add":
+                    return torch.add(self.a(x), self.b(x), alpha=alpha)
+                return torch.cat([self.a(x), self.b(x)], dim=1)
+
+        return OpCase(Branches().eval(), (d,), True, f"{kind}({a!r}, {b!r}, alpha={alpha})")
+    if kind == "reshape":
+        form = rng.choice(["flatten", "permute", "transpose", "view"])
+        fn = {
+            "flatten": lambda h: h.flatten(1),
+            "permute": lambda h: h.permute(0, *reversed(range(1, len(shape) + 1))),
+            "transpose": lambda h: h.transpose(1, -1),
+            "view": lambda h: h.reshape(h.shape[0], -1, 1),
+        }[form]
+        return OpCase(_Lambda(fn, form), shape, True, form)
     raise ValueError(f"unknown op kind {kind!r}")
 
 
 OP_KINDS = ["conv", "bn_conv", "pool", "bn", "linear", "linear_chain", "scale", "reduce", "slice",
-            "activation", "conv_act"]
+            "add", "cat", "reshape", "activation", "conv_act"]
 
 
 def attained_sup(fn: Callable[[torch.Tensor], torch.Tensor], order: int) -> float:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import doctest
 import importlib
 import math
-import warnings
 
 import pytest
 import sympy
@@ -305,13 +304,14 @@ def test_constant_only_bounds_are_float64_and_rounded_up():
 # --------------------------------------------------------------------------- tightness
 
 
-def _estimate_and_certified(model, shape):
+def _estimate_and_certified(model, shape, prefixes=("",), method="compositional"):
     """Every certified norm quantity of the compiled model, and a converged power-iteration
     estimate of the same operator (its own Norm, refreshed to a relative change < 1e-10)."""
-    cert = curvbound.compile(model, torch.zeros(1, *shape), norms="certified")
+    x = torch.zeros(1, *shape)
+    cert = curvbound.compile(model, x, norms="certified", method=method)
     est = {}
     for name, q in cert.quantities.items():
-        if isinstance(q, Norm):
+        if isinstance(q, Norm) and name.startswith(prefixes):
             n = Norm(q.op, "estimate", seed=1)
             prev = 0.0
             for _ in range(500):
@@ -338,8 +338,9 @@ def test_estimate_and_certified_agree_on_dense_layers():
 
 def test_6c2f_conv_layers_within_1_5_of_estimate():
     """The 6C2F convolutions (a half-width, 16×16 copy of the CIFAR model: same kernels, strides
-    and paddings) have certified/estimated norm ratios in [1, 1.5]; the full-size ratios are
-    reported by benchmarks/certified_timing.py."""
+    and paddings) have certified/estimated norm ratios in [1, 1.5]; the full-size ratios (and
+    those of the row-scaled norms of the compositional method) are reported by
+    benchmarks/certified_timing.py. Method "naive": one norm per layer, nothing else to compute."""
     convs = [(3, 16, 3, 1), (16, 16, 4, 2), (16, 32, 3, 1), (32, 32, 4, 2), (32, 32, 3, 1),
              (32, 32, 4, 2)]
     torch.manual_seed(0)
@@ -348,10 +349,9 @@ def test_6c2f_conv_layers_within_1_5_of_estimate():
         layers += [nn.Conv2d(c_in, c_out, k, stride=s, padding=1), nn.Tanh()]
     layers += [nn.Flatten(), nn.Linear(32 * 2 * 2, 64), nn.Tanh(), nn.Linear(64, 10)]
     model = nn.Sequential(*layers).eval()
-    est, cert = _estimate_and_certified(model, (3, 16, 16))
-    conv_names = [k for k in cert if k.startswith(("norm_", "rnorm_")) and k[-1] in "0123456789"]
-    conv_names = [k for k in conv_names if int(k.rsplit("_", 1)[1]) <= 11]
-    assert len(conv_names) >= 11
+    est, cert = _estimate_and_certified(model, (3, 16, 16), ("norm_",), method="naive")
+    conv_names = [k for k in cert if int(k.rsplit("_", 1)[1]) <= 11]
+    assert len(conv_names) == 6
     for name in conv_names:
         ratio = cert[name] / est[name]
         assert 1.0 <= ratio <= 1.5, (name, ratio)
