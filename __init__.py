@@ -51,6 +51,7 @@ from .compiler.context import RuleContext, Transfer
 from .compiler.errors import (
     CurvboundError,
     InputError,
+    MethodCoverageError,
     ModelStateError,
     NonSmoothError,
     RuleError,
@@ -85,6 +86,7 @@ __all__ = [
     "InputError",
     "RuleError",
     "NonSmoothError",
+    "MethodCoverageError",
     "errors",
     "certify",
     "certify_dataset",

@@ -35,8 +35,8 @@ from curvbound.runtime import data
 from curvbound.runtime.certificates import Certifier
 
 MODELS = {
-    "MNIST 6F": (lambda: zoo.mnist_mlp(6), data.load_mnist, (0.1, 0.3, 0.5)),
-    "CIFAR 6C2F": (zoo.cifar_6c2f, data.load_cifar10, (36 / 255, 72 / 255, 108 / 255)),
+    "MNIST 6F": (lambda: zoo.mnist_mlp(6), data.load_mnist, (0.02, 0.05, 0.1)),
+    "CIFAR 6C2F": (zoo.cifar_6c2f, data.load_cifar10, (2 / 255, 8 / 255, 36 / 255)),
 }
 
 

@@ -4,10 +4,10 @@
 v = G·a + b with a norm quantity to :func:`refine_affine`, the one code path of the affine
 transfer, parameterised by the method:
 
-- **chain segments**: when a = σ(u) for an elementwise σ and u is itself an affine node of a segment,
-  v extends that segment (z_k = A_k σ_{k−1}(z_{k−1}) + b_k, A_k the merged linear chain of node k);
-  otherwise v starts one at its source s. A residual merge or any other node ends a segment, which
-  is where products of bounds take over again.
+- **chain segments**: when a = σ(u) for an elementwise σ and u is itself an affine node of a
+  segment, v extends that segment (z_k = A_k σ_{k−1}(z_{k−1}) + b_k, A_k the merged linear
+  chain of node k); otherwise v starts one at its source s. A residual merge or any other node
+  ends a segment, which is where products of bounds take over again.
 - **LipLT** (methods "compositional" and "paper"; theory §4): with σ_k = c_k·id + ψ_k, ψ_k
   d_k-Lipschitz (c_k, d_k the centre and half-width of σ_k's slope range), the recursion
   L(z_n) ≤ Σ_{j<n} (Π_{l=n−j}^{n−1}|c_l|)·d_{n−j−1}·‖A_n⋯A_{n−j}‖·L(z_{n−j−1})
@@ -27,7 +27,8 @@ transfer, parameterised by the method:
   ‖G‖·M(σ(u)) with M(σ(u)) from rule (d) (its arguments include the chain's).
   For a scalar margin (G → cᵀG) Singla & Feizi's sup|σ''|·‖diag(√|c̃|)W‖²·L_z² joins the min.
 - "paper" uses the chain rule here and the paper's final block (:mod:`curvbound.passes.paper`).
-- "naive" and "crt" only record how to fold a margin into the node (:mod:`curvbound.runtime.margins`).
+- "naive" and "crt" only record how to fold a margin into the node
+  (:mod:`curvbound.runtime.margins`).
 """
 
 from __future__ import annotations
@@ -73,8 +74,7 @@ MAX_DEPTH = 8
 class ChainSegment(Segment):
     """A :class:`~curvbound.runtime.products.Segment` with its graph nodes: ``start`` feeds A_0,
     ``nodes[k]`` is the affine node z_k, ``acts[k]`` = (|c_k|, d_k, sup|σ_k'|) of the activation
-    on z_k, and
-    ``symbols[(i, j)]`` names ‖A_i⋯A_j‖ in the bound expressions."""
+    on z_k, and ``symbols[(i, j)]`` names ‖A_i⋯A_j‖ in the bound expressions."""
 
     def __init__(self, start: fx.Node, ops, nodes, acts):
         super().__init__(ops)
@@ -249,8 +249,7 @@ def refine_affine(ctx: RuleContext, t: Transfer) -> Transfer:
     _fold_products(seg, n, quantities, fold)
     mu = ctx.symbol("liplt")
     note = (t.note + "; " if t.note else "") + (
-        f"LipLT over {n + 1} layers from '{seg.start.name}': {mu} = μ_{n} from the norms of the "
-        "products of consecutive layers (runtime/products.py)"
+        f"LipLT over {n + 1} layers: L ≤ {mu}·L_{seg.start.name} (products of consecutive layers)"
     )
     return dataclasses.replace(
         t,
@@ -289,10 +288,10 @@ def _block(ctx, seg, n, act, info, quantities, fold, paper: bool = False):
     final = paper or any(user.op == "output" for user in ctx.node.users)
     if hadamard_feasible(G, W, final=final):
         h = ctx.symbol("hnorm")
-        quantities[h] = HadamardNorm(G, W, ctx.norms)
+        quantities[h] = whole = HadamardNorm(G, W, ctx.norms)
         if ctx.anchor is not None:  # anchored compile: per-sample ‖Â·diag(ρ)‖ (runtime/anchored)
             quantities[h] = ctx.anchor.hadamard(ctx, u, quantities[h], G, W)
-        fold[h] = PairScaledRows(G, W, 1)
+        fold[h] = PairScaledRows(G, W, 1, whole=whole, w_norm=seg.norms[(n - 1, n - 1)])
     if paper:
         if h is None:
             return None, {}
@@ -311,9 +310,13 @@ def _block(ctx, seg, n, act, info, quantities, fold, paper: bool = False):
             extra[own] = (sf * ctx.L(z) ** 2,)
     else:
         own = smin(*first)
-    # (the chain's sup|σ'|·‖G‖·M_u is not offered: referring to both M_u and M_z would make the
-    # written-out bound grow exponentially with depth; loop ≤ sup|σ'|·‖G‖‖W‖ anyway)
-    return curv * own + loop * ctx.M(z), extra
+    # The second term: the chain rule's sup|σ'|·‖G‖·M_u, and at the output node also the loop
+    # transformation's bound. Offering both at every node would make the written-out bound
+    # (bf.expr) grow exponentially with depth (Fibonacci: M_v would refer to M_u and M_z).
+    second = info.slope * p_g * ctx.M(u)
+    if final:
+        second = smin(second, loop * ctx.M(z))
+    return curv * own + second, extra
 
 
 def final_block(ctx: RuleContext, t: Transfer) -> Transfer | None:

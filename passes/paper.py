@@ -7,12 +7,12 @@ Linear, Conv, flatten, batch norm...), with every norm a quantity of the compile
    m_i = Σ_{j<i} (Π|c|)·d·‖W_i⋯W_{i−j}‖·m_{i−j−1} + (Π|c|)·‖W_i⋯W_0‖, for the pre-activations;
    L(σ_k) = sup|σ'|·m_k. All products of consecutive weights are quantities of one segment and
    advance in one batched power iteration (certified norms with ``norms="certified"``).
-2. Inner layers by the row-norm rule (d): M(σ_k) = sup|σ''|·‖diag(r)W_k‖·L(σ_{k−1})² + sup|σ'|·M(z_k),
-   M(z_k) = ‖W_k‖·M(σ_{k−1}).
+2. Inner layers by the row-norm rule (d):
+   M(σ_k) = sup|σ''|·‖diag(r)W_k‖·L(σ_{k−1})² + sup|σ'|·M(z_k), M(z_k) = ‖W_k‖·M(σ_{k−1}).
 3. The final block x ↦ W_K σ(W_{K−1} x + b) by the vectorised-Jacobian bound (c):
-   M = sup|σ''|·‖W_{K−1}‖·‖Â‖·L(σ_{K−2})² + L_F·M(σ_{K−2}), ‖Â‖² = λ_max((W_KᵀW_K) ∘ (W_{K−1}W_{K−1}ᵀ)),
-   with the loop-transformed L_F = |c|·‖W_K W_{K−1}‖ + d·‖W_K‖‖W_{K−1}‖ (= ½(‖W_K W_{K−1}‖ +
-   ‖W_K‖‖W_{K−1}‖) for tanh).
+   M = sup|σ''|·‖W_{K−1}‖·‖Â‖·L(σ_{K−2})² + L_F·M(σ_{K−2}),
+   ‖Â‖² = λ_max((W_KᵀW_K) ∘ (W_{K−1}W_{K−1}ᵀ)), with the loop-transformed
+   L_F = |c|·‖W_K W_{K−1}‖ + d·‖W_K‖‖W_{K−1}‖ (= ½(‖W_K W_{K−1}‖ + ‖W_K‖‖W_{K−1}‖) for tanh).
 4. ``bf()`` reports the constants of the vector map: L = m_K and M from step 3; the paper's
    certificate multiplies both by √2 for a margin (``bf.margins()`` folds each margin instead).
 
@@ -33,7 +33,8 @@ compositional Bounds(lipschitz=0.415375, curvature=0.427258, certified)
 >>> curvbound.compile(relu, torch.zeros(1, 4), method="paper")
 Traceback (most recent call last):
 ...
-curvbound.compiler.errors.MethodCoverageError: method='paper': activation node '_1' (call_module 1, rule activations.relu) is not C¹ (σ' is discontinuous), so its curvature is infinite. Use method='compositional', which covers any graph.
+curvbound.compiler.errors.MethodCoverageError: method='paper': activation node '_1' ... is not C¹
+(σ' is discontinuous), so its curvature is infinite. Use method='compositional', ...
 """
 
 from __future__ import annotations

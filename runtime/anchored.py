@@ -18,9 +18,8 @@ anchored M of the input; in the first, the only place where sup|σ''| enters is
 Δ = σ'(u(x)) − σ'(u(x₀)) = diag(β')·t with |t_j| ≤ |u_j(x) − u_j(x₀)|, so ‖Δ‖_∞ ≤ κ‖t‖,
 ‖diag(Δ)A‖ ≤ κ‖diag(ρ⊙r)A‖·‖z(x) − z(x₀)‖ and ‖G diag(Δ) W‖ ≤ κ‖Â diag(ρ)‖·‖t‖ replace the
 three global steps. Every other number (norms, Lipschitz constants) is a global bound and stays
-valid. With no anchor
-set, the anchored quantities return their global values, so the same bound function also gives
-the global bounds.
+valid. With no anchor set, the anchored quantities return their global values, so the same bound
+function also gives the global bounds.
 
 Activations without a table (SiLU, GELU, Mish, ELU...) keep their global constants: their layers
 are bounded as in the global bound, which is still valid.

@@ -112,9 +112,11 @@ class Certificate:
     - ``lipschitz_radius``, ``curvature_radius``: the two certified radii (theory §6);
     - ``radius``: the best valid one (0 when misclassified): the prediction provably does not
       change under any perturbation of ℓ2 norm < radius;
-    - ``attack_radius``: an adversarial example provably exists at any distance in
-      (attack_radius, attack_radius + something) (inf when no attack certificate); 0 when
-      misclassified; ``attack_class``: the class it flips to (−1 when none);
+    - ``attack_radius``: t* of the attack certificate, an upper bound on the distance to the
+      nearest adversarial example (the points at distance t ∈ (t*, t**) along the margin
+      gradient are adversarial); inf when there is none, 0 when misclassified;
+      ``attack_class``: the class it flips to (−1 when none); ``attack_t``: the t of the
+      returned example (slightly above t*);
     - per class (N, K): ``logit_gaps`` m_i, ``gradient_norms`` g_i, ``lipschitz_constants`` L_i
       and ``curvature_constants`` M_i (∞ at the predicted class or when not used);
     - ``certified``: every constant was a guaranteed bound (False with ``norms="estimate"``);

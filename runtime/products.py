@@ -1,10 +1,10 @@
 """Run-time quantities of the tightness methods (theory §3, §4, §10).
 
 - :class:`ProductNorm`: ‖A_i ⋯ A_j‖ for consecutive linear maps of one chain segment (LipLT). All
-  products of a :class:`Segment` advance together, in **one batched power iteration**: each step is a
-  single sweep of the segment's layers on a batch holding every product's iteration vector, and one
-  backward pass (autograd gives Aᵀ). Certified mode materialises a product when that is cheap and
-  otherwise takes the best split ‖A_i⋯A_{k+1}‖·‖A_k⋯A_j‖ of certified factors.
+  products of a :class:`Segment` advance together, in **one batched power iteration**: each step is
+  a single sweep of the segment's layers on a batch holding every product's iteration vector, and
+  one backward pass (autograd gives Aᵀ). Certified mode materialises a product when that is cheap
+  and otherwise takes the best split ‖A_i⋯A_{k+1}‖·‖A_k⋯A_j‖ of certified factors.
 - :class:`HadamardNorm`: ‖Â‖ for Â: v ↦ G·diag(v)·W, the vectorised-Jacobian constant of a block
   x ↦ G σ(W x + b) (theory §3 (c)): ‖Â‖² = λ_max((GᵀG) ∘ (WWᵀ)).
 - :class:`CRTSensitivity`: max_j (S_I)_j of Singla & Feizi's |W|-product recursion (theory §10).
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .norms import Constant, Norm, Quantity
+from .norms import Norm, Quantity
 from .operators import (
     MATERIALIZE_LIMIT,
     Chain,
@@ -397,7 +397,7 @@ def hadamard_feasible(G: LinearOperator, W: LinearOperator, *, final: bool = Fal
         return False
     if not (single_core(G) and single_core(W)):
         return False
-    if _numel(G.out_shape) * m > PRODUCT_ENTRY_LIMIT or m * _numel(W.in_shape) > PRODUCT_ENTRY_LIMIT:
+    if max(_numel(G.out_shape), _numel(W.in_shape)) * m > PRODUCT_ENTRY_LIMIT:
         return False
     return final or m * m * (_numel(G.out_shape) + _numel(W.in_shape) + m) <= HADAMARD_COST_LIMIT
 
@@ -478,8 +478,9 @@ def liplt_step(i: int, acts, mu: list, product) -> Any:
 
 
 class LipLTFactor(Quantity):
-    """μ_n: the LipLT bound of node n of a chain segment per unit Lipschitz constant of the segment's
-    start s (theory §4), so that L(z_n) ≤ μ_n·L_s. With σ_k = c_k·id + ψ_k (ψ_k d_k-Lipschitz),
+    """μ_n: the LipLT bound of node n of a chain segment per unit Lipschitz constant of the
+    segment's start s (theory §4), so that L(z_n) ≤ μ_n·L_s. With σ_k = c_k·id + ψ_k
+    (ψ_k d_k-Lipschitz),
 
         μ_0 = ‖A_0‖,  μ_i = Σ_{j<i} (Π_{l=i−j}^{i−1}|c_l|)·d_{i−j−1}·‖A_i⋯A_{i−j}‖·μ_{i−j−1}
                           + (Π_{l<i}|c_l|)·‖A_i⋯A_0‖.
@@ -492,6 +493,7 @@ class LipLTFactor(Quantity):
     computed in float64 from the certified values, times a factor covering its rounding (all
     terms are nonnegative).
 
+    >>> from curvbound.runtime.norms import Constant
     >>> one, half = Constant(1.0), Constant(0.5)
     >>> mu = LipLTFactor(1, [(0.5, 0.5, 1.0)], {(0, 0): one, (1, 1): one, (1, 0): half})
     >>> round(float(mu()), 9)  # ½·‖A_1‖·μ_0 + ½·‖A_1A_0‖

@@ -51,7 +51,7 @@ from torch import Tensor
 __all__ = ["AnchoredTable", "TableSpec", "SPECS", "anchored_table", "beta_prime", "spec_for"]
 
 _U = 2.0**-53
-_SLACK = 0.006  # the grid spacing h makes the Lipschitz slack S₃·h/2 at most this fraction of the cap
+_SLACK = 0.006  # grid spacing: the Lipschitz slack S₃·h/2 is at most this fraction of the cap
 _RANGE = 16.0  # the table covers z₀ ∈ [−_RANGE, _RANGE]
 _SCAN = 24.0  # the scan over z covers [−_SCAN, _SCAN]
 _ABS = 1e-12  # covers the float64 rounding of the scan (differences of σ' over ≥ 1/256)
@@ -219,7 +219,6 @@ class AnchoredTable:
             out = out * (self.scale * (1 + 4 * _U))
         out = torch.minimum(out, torch.tensor(self.cap, dtype=torch.float64))
         return torch.where(torch.isfinite(z), out, torch.tensor(self.cap, dtype=torch.float64))
-
 
     def _tail(self, a: Tensor) -> Tensor:
         """β'(z₀) for |z₀| = a ≥ extent: for any split distance 0 < d < a, the points z within d of

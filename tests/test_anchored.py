@@ -214,3 +214,14 @@ def test_anchored_compile_errors():
     bf = curvbound.compile(model, torch.zeros(1, 3))
     with pytest.raises(ValueError, match="anchored=True"):
         curvbound.anchored_bounds(bf, torch.zeros(2, 3))
+
+
+def test_anchored_estimate_mode_refreshes_the_base_norms():
+    model = _saturated_tanh()
+    bf = curvbound.compile(model, torch.zeros(1, 6), anchored=True)  # estimate, refreshed
+    assert any(name.startswith("rbase_") for name in bf.quantities)
+    certified = curvbound.compile(model, torch.zeros(1, 6), norms="certified")
+    assert float(bf().curvature) == pytest.approx(float(certified().curvature), rel=1e-4)
+    x0 = torch.randn(4, 6, generator=torch.Generator().manual_seed(5)) * 2
+    anch = curvbound.anchored_bounds(bf, x0)
+    assert not anch.certified and (anch.curvature <= bf().curvature * (1 + 1e-12)).all()

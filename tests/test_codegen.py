@@ -31,7 +31,7 @@ EXPECTED = '''def bound(q):
     L_tanh = L_fc1
     M_tanh = 0.769800358919501*torch.minimum(rnorm_tanh, L_fc1**2)
     # fc2: call_module torch.nn.modules.linear.Linear -> rule linear.linear
-    #   LipLT over 2 layers from 'x': liplt_fc2 = μ_1 from the norms of the products of consecutive layers (runtime/products.py)
+    #   LipLT over 2 layers: L ≤ liplt_fc2·L_x (products of consecutive layers)
     norm_fc2 = q['norm_fc2']()
     lt_fc1_fc2 = q['lt_fc1_fc2']()
     liplt_fc2 = q['liplt_fc2']()

@@ -177,3 +177,23 @@ def test_docstring_examples_of_the_tightness_modules(name):
     result = doctest.testmod(importlib.import_module(name),
                              optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_deep_chains_keep_small_expressions():
+    """LipLT's recursion is a numeric quantity and every block rule refers to one curvature, so
+    the written-out bound (bf.expr) grows polynomially with depth and still round-trips."""
+    import sympy
+
+    from curvbound import zoo
+
+    model = zoo.mlp([5] + [6] * 20 + [3], act=nn.Softplus, seed=1).double()
+    bf = curvbound.compile(model, torch.zeros(1, 5, dtype=torch.float64), norms="certified")
+    out = bf()
+    expr = bf.expr
+    assert sympy.count_ops(expr["curvature"]) < 2000
+    vals = {sympy.Symbol(k, nonnegative=True): v for k, v in bf.quantity_values().items()}
+    for key, got in (("lipschitz", out.lipschitz), ("curvature", out.curvature)):
+        exact = float(expr[key].xreplace(vals))
+        assert exact <= float(got) <= exact * (1 + 1e-10)
+    # every rule stays positively homogeneous in the curvatures: the shares still sum to 1
+    assert sum(bf.curvature_shares().values()) == pytest.approx(1.0, rel=1e-9)

@@ -110,3 +110,18 @@ def test_estimated_margins_and_fallback():
     with pytest.raises(ValueError, match="at least two outputs"):
         scalar = nn.Sequential(nn.Linear(3, 1)).double().eval()
         curvbound.compile(scalar, torch.zeros(1, 3, dtype=torch.float64)).margins()
+
+
+def test_cheap_pair_bound_beyond_the_eigenvalue_budget(monkeypatch):
+    from curvbound.runtime import margins as margins_module
+
+    model = one_hidden()
+    bf = curvbound.compile(model, torch.zeros(1, 5, dtype=torch.float64), norms="certified")
+    out, exact = bf(), bf.margins()
+    monkeypatch.setattr(margins_module, "PAIR_EIG_BUDGET", 0)
+    cheap = bf.margins()
+    assert cheap.certified and cheap.pairwise
+    off = ~torch.eye(4, dtype=torch.bool)
+    assert (cheap.curvature[off] >= exact.curvature[off] * (1 - 1e-12)).all()
+    assert (cheap.curvature[off] <= math.sqrt(2) * float(out.curvature) * (1 + 1e-12)).all()
+    assert float(cheap.curvature[0, 1]) > float(exact.curvature[0, 1])  # the SF term is gone
