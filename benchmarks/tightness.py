@@ -290,7 +290,7 @@ Compile time in seconds (including power iteration to convergence; same run):
 
 {times_table(rows)}
 
-Notes. The certified compositional bound of 6C2F is looser than the estimated one (2.4–2.8× in
+Notes. The certified compositional bound of 6C2F is looser than the estimated one (2.3–2.7× in
 this run) because the certified norms of products of several convolutions are not materialised
 (too costly); they are bounded by the best split into certified factors (`runtime/products.py`),
 so LipLT gains little there. Dense products (MLPs, 6F) are multiplied out in float64 and

@@ -29,6 +29,7 @@ from torch import Tensor
 __all__ = [
     "ABSOLUTE_MARGIN",
     "DENSE_SVD_MAX_DIM",
+    "DENSE_GRAM_MIN_ENTRIES",
     "SAFETY_MARGIN",
     "adaptive_avg_pool_norm",
     "certify",
@@ -62,6 +63,10 @@ norm that is itself tiny."""
 
 DENSE_SVD_MAX_DIM: int = 4096
 """Largest min(m, n) for which :func:`dense_norm` runs an exact SVD, not the Gram iteration."""
+
+#: From this many entries on, :func:`dense_norm` takes the top eigenvalue of the smaller Gram
+#: matrix with an explicit rounding bound instead of an SVD (same result to ~1e-12, faster).
+DENSE_GRAM_MIN_ENTRIES: int = 1 << 20
 
 _UNIT_ROUNDOFF = 2.0**-53
 _UNDERFLOW_SLACK = 2.0**-1000  # covers gradual underflow in the scaled Gram products (entries ~1)
@@ -156,8 +161,10 @@ def gram_iteration_norm(W: Tensor, iters: int = 6) -> Tensor:
 
 
 def dense_norm(W: Tensor, *, svd_max_dim: int = DENSE_SVD_MAX_DIM, gram_iters: int = 10) -> Tensor:
-    """Certified ‖W‖₂ of a 2-D matrix: exact float64 SVD when min(m, n) ≤ ``svd_max_dim``, otherwise
-    :func:`gram_iteration_norm` with ``gram_iters`` steps (≤ rank^(1/2048) above σ₁ for 10 steps).
+    """Certified ‖W‖₂ of a 2-D matrix: exact float64 SVD when min(m, n) ≤ ``svd_max_dim`` (from
+    :data:`DENSE_GRAM_MIN_ENTRIES` entries on, the exact top eigenvalue of the smaller Gram matrix
+    plus its rounding bound), otherwise :func:`gram_iteration_norm` with ``gram_iters`` steps
+    (≤ rank^(1/2048) above σ₁ for 10 steps).
 
     >>> W = torch.tensor([[3.0, 0.0], [4.0, 5.0]])
     >>> dense_norm(W)
@@ -176,7 +183,27 @@ def dense_norm(W: Tensor, *, svd_max_dim: int = DENSE_SVD_MAX_DIM, gram_iters: i
         raise ValueError("matrix contains NaN")
     if not torch.isfinite(A).all():
         return A.new_tensor(math.inf)
+    if A.numel() >= DENSE_GRAM_MIN_ENTRIES and A.detach().any():
+        return _gram_eigenvalue_norm(A)
     return certify(torch.linalg.svdvals(A)[0])
+
+
+def _gram_eigenvalue_norm(A: Tensor) -> Tensor:
+    """‖A‖₂ from the top eigenvalue of the smaller Gram matrix H = fl(AAᵀ) (several times faster
+    than an SVD of a large or rectangular A): σ₁(A)² ≤ λ_max(H) + γ_p‖A‖_F² with p the inner
+    dimension, as in :func:`gram_iteration_norm`; A is first scaled by an exact power of two.
+
+    >>> W = torch.tensor([[3.0, 0.0, 0.0], [4.0, 5.0, 0.0]])
+    >>> _gram_eigenvalue_norm(W)   # sqrt(45)
+    tensor(6.7082, dtype=torch.float64)
+    """
+    if A.shape[0] > A.shape[1]:
+        A = A.T
+    e0 = _max_abs_exponent(A)
+    A = _scale_pow2(A.to(torch.float64), -e0)
+    lam = torch.linalg.eigvalsh(A @ A.T)[-1].clamp_min(0.0)
+    b = torch.sqrt(lam + _gamma(A.shape[1]) * _frobenius_sq_upper(A) + _UNDERFLOW_SLACK)
+    return certify(_scale_pow2(b, e0))
 
 
 def diagonal_norm(scale: Tensor) -> Tensor:
