@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 
 import torch
@@ -51,7 +53,8 @@ def trace(model: nn.Module, registry: Registry) -> fx.GraphModule:
 def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
     """Run the example input through the graph, recording ``tensor_meta`` on every node."""
     try:
-        with torch.no_grad():
+        # ShapeProp prints the failing node's traceback itself; the error below says it better
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(example_input)
     except Exception as exc:
         found = re.search(r"node=%(\w+)", str(exc))

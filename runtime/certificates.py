@@ -288,7 +288,12 @@ class Certifier:
             bf = None
             method, norms = bound_fn.method, bound_fn.norms
         if bf is None:
-            bf = compile_bound(model, example[:1], method=method, norms=norms, anchored=local)
+            # the example only fixes shapes: give it the parameters' dtype (the certificates
+            # themselves are computed in float64 whatever the dtype of x)
+            dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()),
+                         example.dtype)
+            bf = compile_bound(model, example[:1].detach().to(dtype), method=method, norms=norms,
+                               anchored=local)
         self.bf = bf
         self.model = bf.model
         nonsmooth = list(bf.nonsmooth_nodes)
@@ -342,6 +347,12 @@ class Certifier:
     def __call__(self, x: Tensor, y: Tensor | None = None) -> Certificate:
         """Certificates for the batch ``x`` (labels ``y`` optional)."""
         x, y = _check_batch(x, y)
+        if y is not None and ((y < 0) | (y >= self.classes)).any():
+            bad = int(((y < 0) | (y >= self.classes)).nonzero()[0, 0])
+            raise InputError(
+                f"label y[{bad}] = {int(y[bad])} is not a class of this {self.classes}-class "
+                f"model (labels must lie in 0..{self.classes - 1})"
+            )
         x64 = x.detach().to(torch.float64).requires_grad_(True)
         with torch.enable_grad():
             logits, values = self.capture(x64)
@@ -591,8 +602,9 @@ def certify(
 
     Args:
         model: a classifier returning logits (B, K).
-        x: the inputs (B, *input_shape); ``y``: their labels (optional; without them the
-            prediction is certified).
+        x: the inputs (B, *input_shape), any floating dtype (certificates are computed in
+            float64); ``y``: their labels in 0..K−1 (optional; without them the prediction is
+            certified).
         bound_fn: a compiled bound to reuse (``curvbound.compile``; with ``anchored=True`` for
             ``local``); compiled here when None.
         local: use curvature anchored at each input (tighter, one extra pass per batch).
@@ -636,6 +648,11 @@ def certify_dataset(
         total = min(total, limit) if total is not None else limit
     done, start = 0, time.perf_counter()
     for batch in loader:
+        if isinstance(batch, dict):
+            raise InputError(
+                f"the loader yielded a dict (keys {sorted(map(str, batch))}); certify_dataset "
+                "needs batches x or pairs (x, y), e.g. ((b['image'], b['label']) for b in loader)"
+            )
         x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
         if limit is not None:
             x = x[: limit - done]
@@ -669,8 +686,9 @@ def certify_dataset(
 
 
 def _length(loader) -> int | None:
-    dataset = getattr(loader, "dataset", None)
+    """The number of samples of a DataLoader's dataset; None for other iterables (their len()
+    counts batches)."""
     try:
-        return len(dataset) if dataset is not None else len(loader)
-    except TypeError:
+        return len(loader.dataset)
+    except (AttributeError, TypeError):
         return None

@@ -208,8 +208,22 @@ def test_certify_dataset_matches_certify(trained, capsys):
     assert f"{len(xt)}/{len(xt)} samples" in err and "samples/s" in err
     part = curvbound.certify_dataset(net, loader, bound_fn=bf, limit=150, progress=False)
     assert len(part) == 150 and torch.equal(part.predicted, cert.predicted[:150])
-    bare = curvbound.certify_dataset(net, [xt[:50], xt[50:80]], bound_fn=bf, progress=False)
+    bare = curvbound.certify_dataset(net, [xt[:50], xt[50:80]], bound_fn=bf)
     assert bare.correct is None and len(bare) == 80
+    err = capsys.readouterr().err  # a list's len() counts batches, not samples: no "80/2"
+    assert "80 samples" in err and "/2 " not in err
+    with pytest.raises(curvbound.InputError, match="yielded a dict"):
+        curvbound.certify_dataset(net, [{"x": xt[:5], "y": yt[:5]}], bound_fn=bf)
+
+
+def test_certify_accepts_inputs_in_another_dtype():
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x = torch.randn(5, 3)
+    cert = curvbound.certify(net, x)  # float32 data, float64 model: certified in float64
+    ref = curvbound.certify(net, x.double())
+    assert torch.equal(cert.predicted, ref.predicted)
+    assert torch.allclose(cert.radius, ref.radius, rtol=1e-12)
 
 
 # -- non-smooth models, fallbacks and errors ------------------------------------------------------
@@ -270,6 +284,9 @@ def test_bad_inputs_are_rejected():
         curvbound.certify(net, torch.ones(4, 3), torch.zeros(3, dtype=torch.long))
     with pytest.raises(curvbound.InputError, match="at least 2 outputs"):
         curvbound.certify(nn.Sequential(nn.Linear(3, 1)), torch.ones(2, 3))
+    for label in (3, -1):  # a label outside 0..K−1 would otherwise count as misclassified
+        with pytest.raises(curvbound.InputError, match=rf"y\[1\] = {label} .*0\.\.2"):
+            curvbound.certify(net, torch.ones(2, 3), torch.tensor([0, label]))
     other = curvbound.compile(nn.Sequential(nn.Linear(3, 3)), torch.ones(1, 3))
     with pytest.raises(ValueError, match="different model"):
         curvbound.certify(net, torch.ones(2, 3), bound_fn=other)
