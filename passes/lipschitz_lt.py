@@ -16,15 +16,20 @@ transfer, parameterised by the method:
   recursion would grow exponentially with depth). "compositional" keeps the product bound
   ‖A_n‖·L(σ(z_{n−1})) when it is smaller and restarts a segment after :data:`MAX_DEPTH` layers.
 - **block rule** ("compositional", at every v = G σ(W z + b)): with u = Wz + b, a = σ(u),
-  M_v ≤ sup|σ''|·min(‖G‖L_u², ‖G‖‖diag(r)W‖L_z², ‖Â‖L_uL_z) + (|c|‖GW‖ + d‖G‖‖W‖)·M_z.
+  M_v ≤ sup|σ''|·min(‖G‖L_u², ‖G‖‖diag(r)W‖L_z², ‖Â‖L_uL_z)
+        + min(sup|σ'|·‖G‖·M_u, (|c|‖GW‖ + d‖G‖‖W‖)·M_z).
   Proof: Dv(x) − Dv(y) = G[diag(σ'(u(x)) − σ'(u(y)))]Du(x) + G diag(σ'(u(y)))[Du(x) − Du(y)]; each
-  argument of the min bounds the first term (‖Δ‖_∞ ≤ sup|σ''|L_u‖x−y‖; rule (d);
-  ‖G diag(Δ) W‖ ≤ ‖Â‖‖Δ‖₂ with ‖Δ‖₂ ≤ sup|σ''|·L_u‖x−y‖), and with Du = W·Dz the second term is
-  at most sup over s ∈ [lo, hi]^m of ‖G diag(s) W‖·M_z ≤ (|c|‖GW‖ + d‖G‖‖W‖)·M_z (the loop
-  transformation; ≤ sup|σ'|·‖G‖‖W‖·M_z, the chain rule's). The rule is linear in M_z, so
-  ``bf.table()`` shares still sum to 1, and refers to one curvature only, so the written-out
-  bound (``bf.expr``) grows polynomially with depth. It is never above the chain rule's
-  ‖G‖·M(σ(u)) with M(σ(u)) from rule (d) (its arguments include the chain's).
+  argument of the first min bounds the first term (‖Δ‖_∞ ≤ sup|σ''|L_u‖x−y‖; rule (d);
+  ‖G diag(Δ) W‖ ≤ ‖Â‖‖Δ‖₂ with ‖Δ‖₂ ≤ sup|σ''|·L_u‖x−y‖). The second term is at most
+  sup|σ'|·‖G‖·M_u (the chain rule, with M_u from u's own block rule) and, with Du = W·Dz, at most
+  sup over s ∈ [lo, hi]^m of ‖G diag(s) W‖·M_z ≤ (|c|‖GW‖ + d‖G‖‖W‖)·M_z (the loop
+  transformation). Neither dominates: the first is smaller on the MLPs of the zoo, the second on
+  the CNNs. Referring to both M_u and M_z at every node would make the written-out bound
+  (``bf.expr``) grow exponentially with depth (Fibonacci), so both are offered at the output node
+  and while their written-out size is at most :data:`BOTH_TERMS_OPS` operations, the chain rule
+  alone beyond (:func:`expanded_ops`). The rule is positively homogeneous in the curvatures, so
+  ``bf.table()`` shares still sum to 1, and it is never above the chain rule's ‖G‖·M(σ(u)) with
+  M(σ(u)) from rule (d) (its arguments include the chain's).
   For a scalar margin (G → cᵀG) Singla & Feizi's sup|σ''|·‖diag(√|c̃|)W‖²·L_z² joins the min.
 - "paper" uses the chain rule here and the paper's final block (:mod:`curvbound.passes.paper`).
 - "naive" and "crt" only record how to fold a margin into the node
@@ -69,6 +74,9 @@ __all__ = [
 #: "compositional" restarts a segment after this many layers (its products and LipLT factors
 #: cost O(depth²) and O(depth³) per evaluation); "paper" never does (Algorithm 1 is exact).
 MAX_DEPTH = 8
+#: The block rule offers both second terms (chain rule and loop transformation) while their
+#: written-out expressions have at most this many operations together (see :func:`_block`).
+BOTH_TERMS_OPS = 400
 
 
 class ChainSegment(Segment):
@@ -310,13 +318,40 @@ def _block(ctx, seg, n, act, info, quantities, fold, paper: bool = False):
             extra[own] = (sf * ctx.L(z) ** 2,)
     else:
         own = smin(*first)
-    # The second term: the chain rule's sup|σ'|·‖G‖·M_u, and at the output node also the loop
-    # transformation's bound. Offering both at every node would make the written-out bound
-    # (bf.expr) grow exponentially with depth (Fibonacci: M_v would refer to M_u and M_z).
-    second = info.slope * p_g * ctx.M(u)
-    if final:
-        second = smin(second, loop * ctx.M(z))
-    return curv * own + second, extra
+    # The second term: the chain rule's sup|σ'|·‖G‖·M_u (M_u from u's own block rule: tighter
+    # for MLPs) or the loop transformation's (|c|‖GW‖ + d‖G‖‖W‖)·M_z (tighter for CNNs here).
+    # Offering both at every node would make the written-out bound (bf.expr) grow exponentially
+    # with depth (Fibonacci: M_v refers to M_u and M_z, M_u to M_z and the M before it), so both
+    # are offered at the output node and while the two are small; beyond, the chain rule alone.
+    chain, looped = info.slope * p_g * ctx.M(u), loop * ctx.M(z)
+    if final or expanded_ops(ctx, u) + expanded_ops(ctx, z) <= BOTH_TERMS_OPS:
+        return curv * own + smin(chain, looped), extra
+    return curv * own + chain, extra
+
+
+_SIZE_KEY = "curvbound.expanded_ops"
+
+
+def expanded_ops(ctx: RuleContext, n: fx.Node, kind: str = "M") -> int:
+    """Operations of node n's curvature (``kind="M"``) or Lipschitz (``"L"``) bound written out
+    in quantity symbols, as ``bf.expr`` would show it (tree size), without writing it out:
+    each node's own count plus, per occurrence of another node's symbol, that node's size.
+    Memoised in ``n.meta`` (transfers are final once computed)."""
+    if ctx.is_constant(n):
+        return 0
+    t = ctx.transfer(n)
+    memo = n.meta.setdefault(_SIZE_KEY, {})
+    key = (kind, id(t))
+    if key not in memo:
+        expr = t.curvature if kind == "M" else t.lipschitz
+        nodes = {m.name: m for m in n.graph.nodes}
+        size = sympy.count_ops(expr)
+        for atom in sympy.preorder_traversal(expr):
+            name = getattr(atom, "name", "")
+            if atom.is_Symbol and name[:2] in ("L_", "M_") and name[2:] in nodes:
+                size += expanded_ops(ctx, nodes[name[2:]], name[0])
+        memo[key] = size
+    return memo[key]
 
 
 def final_block(ctx: RuleContext, t: Transfer) -> Transfer | None:

@@ -197,3 +197,31 @@ def test_deep_chains_keep_small_expressions():
         assert exact <= float(got) <= exact * (1 + 1e-10)
     # every rule stays positively homogeneous in the curvatures: the shares still sum to 1
     assert sum(bf.curvature_shares().values()) == pytest.approx(1.0, rel=1e-9)
+
+
+def test_block_rule_offers_both_second_terms(monkeypatch):
+    """The block rule's second term is min(sup|σ'|·‖G‖·M_u, loop·M_z): the first wins on MLPs
+    (M_u has its own block rule), the second on convolutional chains; forcing the chain rule
+    alone (no node small enough to take both, except the output) loosens the CNN bound."""
+    from test_ordering import mini_6c2f
+
+    from curvbound.passes import lipschitz_lt
+
+    model, x = mini_6c2f(), torch.zeros(1, 2, 8, 8, dtype=torch.float64)
+    both = float(curvbound.compile(model, x, norms="certified")().curvature)
+    monkeypatch.setattr(lipschitz_lt, "BOTH_TERMS_OPS", -1)
+    chain_only = float(curvbound.compile(model, x, norms="certified")().curvature)
+    assert both < 0.9 * chain_only
+    lower = curvature_lower_bound(model, (2, 8, 8), seed=2)
+    assert 0 < lower <= both
+
+
+@pytest.mark.parametrize("depth", [10, 40])
+def test_written_out_bound_stays_bounded_with_depth(depth):
+    import sympy
+
+    from curvbound import zoo
+
+    model = zoo.mlp([5] + [6] * depth + [3], act=nn.Softplus, seed=1).double()
+    bf = curvbound.compile(model, torch.zeros(1, 5, dtype=torch.float64))
+    assert sympy.count_ops(bf.expr["curvature"]) < 2000
