@@ -96,8 +96,17 @@ def _node_lines(nb: NodeBound, node: fx.Node) -> list[str]:
     replacements, reduced = sympy.cse(
         exprs, symbols=(sympy.Symbol(f"c{i}_{nb.name}") for i in count())
     )
+    # a purely numeric common subexpression is put back in place: as a variable it would be a
+    # Python float, which torch.minimum/maximum reject (numbers are printed as float64 tensors
+    # there, see _fold)
+    numeric: dict[sympy.Symbol, sympy.Expr] = {}
     for sym, sub in replacements:
-        lines.append(f"    {sym.name} = {print_expr(sub)}")
+        sub = sub.xreplace(numeric)
+        if sub.is_number:
+            numeric[sym] = sub
+        else:
+            lines.append(f"    {sym.name} = {print_expr(sub)}")
+    reduced = [r.xreplace(numeric) for r in reduced]
     lines.append(f"    L_{nb.name} = {print_expr(reduced[0])}")
     lines.append(f"    M_{nb.name} = {print_expr(reduced[1])}")
     return lines

@@ -75,3 +75,23 @@ def test_constants_are_rounded_up():
         assert sympy.Float(math.nextafter(f, -math.inf), 50) < sympy.N(value, 50)  # tight
     assert print_expr(sympy.Integer(3) * sympy.Symbol("a")) == "3*a"
     assert print_expr(sympy.sqrt(sympy.Symbol("a") ** 2 + 1)) == "torch.sqrt(1 + a**2)"
+
+
+def test_numeric_common_subexpressions_stay_tensors_in_min():
+    # sympy.cse pulls a compound number out of both arguments of a min; as a variable it would be a
+    # Python float and torch.minimum would reject it (found by benchmarks/fuzz.py, seed 23 case
+    # 702: the Lipschitz bounds upstream were exact numbers)
+    from curvbound.compiler.assemble import NodeBound
+    from curvbound.compiler.codegen import _node_lines
+    from curvbound.passes.lipschitz_lt import smin
+
+    k = 8 * (sympy.exp(-1) / sympy.sqrt(sympy.pi) + sympy.erf(1) / 2 + sympy.Rational(1, 2)) ** 2
+    r = sympy.Symbol("rnorm_v", nonnegative=True)
+    nb = NodeBound(name="v", op="call_module", target="Sigmoid", rule="activations.sigmoid",
+                   lipschitz=sympy.sqrt(14) * k, curvature=smin(k * r, k) / 4, quantities=(),
+                   certified=True, nonsmooth=False, constant=False, inputs=())
+    src = "\n".join(line.strip() for line in _node_lines(nb, None) if not line.strip()[0] == "#")
+    scope = {"torch": torch, "math": math, "rnorm_v": torch.tensor(0.5, dtype=torch.float64)}
+    exec(src, scope)  # noqa: S102 - our own generated code
+    assert isinstance(scope["M_v"], torch.Tensor)
+    assert float(scope["M_v"]) >= float(sympy.Min(k * 0.5, k) / 4)
