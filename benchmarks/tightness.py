@@ -307,9 +307,10 @@ same compiled bound (best of 2–3 runs; compositional method; the last layer re
 K-class layer). The last two columns compare the pairwise curvature bounds with the global
 route √2·M (smaller is better). The per-pair block norms ‖diag(c̃)W‖ and ‖diag(√|c̃|)W‖² are
 exact eigenvalue problems while m³ × pairs ≤ 1e10 (`runtime/margins.PAIR_EIG_BUDGET`, m the hidden
-width of the output block) and Schur-test bounds beyond (1–13 % looser than the exact ones and 10–40× faster, measured
-for K = 100 on MNIST 4F and CIFAR 6F; on the trained 6C2F of the throughput benchmark the exact
-bounds certify 11 % more images at ε = 8/255, which is why the budget covers K = 10 there).
+width of the output block) and Schur-test bounds beyond (1–13 % looser than the exact ones and
+10–40× faster, measured for K = 100 on MNIST 4F and CIFAR 6F; on the trained 6C2F of the
+throughput benchmark the exact bounds certify 11 % more images at ε = 8/255, which is why the
+budget covers K = 10 there).
 
 {margins_table(mrows)}
 """

@@ -233,7 +233,9 @@ def node_bounds(
         node.meta[BOUND_KEY] = NodeBound(
             name=node.name,
             op=node.op,
-            target=_describe_target(node, gm)[0] if node.op.startswith("call") else str(node.target),
+            target=(
+                _describe_target(node, gm)[0] if node.op.startswith("call") else str(node.target)
+            ),
             rule=rules[node],
             lipschitz=t.lipschitz,
             curvature=t.curvature,

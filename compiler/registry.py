@@ -1,14 +1,14 @@
 """The rule registry: one route for registering transfer rules, keyed by torch target.
 
-A *rule* is a small pure function ``rule(node, ctx) -> Transfer | None``. It reads its fx node and a
-read-only :class:`~curvbound.compiler.context.RuleContext` and returns the node's transfer (its
-Lipschitz and curvature bound as sympy expressions of its inputs' bounds), or ``None`` to decline and
-let the next candidate answer.
+A *rule* is a small pure function ``rule(node, ctx) -> Transfer | None``. It reads its fx node and
+a read-only :class:`~curvbound.compiler.context.RuleContext` and returns the node's transfer (its
+Lipschitz and curvature bound as sympy expressions of its inputs' bounds), or ``None`` to decline
+and let the next candidate answer.
 
 Keys are normalised first (:func:`lookup_key`): ``call_function`` nodes by the callable,
-``call_method`` nodes by the method name, ``call_module`` nodes by the module class, looked up along
-its MRO. A subclass that overrides ``forward`` does not inherit its parent's rule: it is traced into,
-or reported as uncovered.
+``call_method`` nodes by the method name, ``call_module`` nodes by the module class, looked up
+along its MRO. A subclass that overrides ``forward`` does not inherit its parent's rule: it is
+traced into, or reported as uncovered.
 """
 
 from __future__ import annotations
@@ -71,7 +71,9 @@ class Registry:
     def register(self, *targets: Any) -> Callable[[Rule], Rule]:
         """Decorator registering ``fn`` for every target in ``targets`` (stacked alias keys)."""
         if not targets:
-            raise TypeError("register() needs at least one target (module class, function or method)")
+            raise TypeError(
+                "register() needs at least one target (module class, function or method)"
+            )
 
         def deco(fn: Rule) -> Rule:
             for t in targets:

@@ -39,11 +39,13 @@ def trace(model: nn.Module, registry: Registry) -> fx.GraphModule:
         raise TracingError(
             f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}\n"
             "curvbound needs a graph it can trace symbolically. Usual causes and fixes:\n"
-            "  - Python control flow on tensor values (if x.sum() > 0, loops over x.shape of data):\n"
+            "  - Python control flow on tensor values (if x.sum() > 0, loops over x.shape of "
+            "data):\n"
             "    make it structural, or register a rule for the submodule that contains it so it\n"
             "    becomes a leaf (@curvbound.rule(MyBlock)).\n"
             "  - calls into non-torch code (numpy, .item(), .tolist()): remove them from forward.\n"
-            "  - helper functions fx should not look into: torch.fx.wrap('fn_name') and register a\n"
+            "  - helper functions fx should not look into: torch.fx.wrap('fn_name') and "
+            "register a\n"
             "    rule for fn_name."
         ) from exc
     name = type(model).__name__
@@ -61,8 +63,8 @@ def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
         where = f" at node '{found.group(1)}'" if found else ""
         root = exc.__cause__ or exc
         raise InputError(
-            f"the model failed on the example input of shape {tuple(example_input.shape)} and dtype "
-            f"{example_input.dtype}{where}: {type(root).__name__}: {root}\n"
-            "Pass a batched example input that the model accepts, e.g. torch.zeros(1, *input_shape) "
-            "with the dtype of the model's parameters."
+            f"the model failed on the example input of shape {tuple(example_input.shape)} and "
+            f"dtype {example_input.dtype}{where}: {type(root).__name__}: {root}\n"
+            "Pass a batched example input that the model accepts, e.g. "
+            "torch.zeros(1, *input_shape) with the dtype of the model's parameters."
         ) from exc

@@ -35,7 +35,8 @@ def check_model_state(model: nn.Module) -> None:
                 )
         if isinstance(m, _STOCHASTIC) and m.training and m.p > 0:
             problems.append(
-                f"- '{where}' ({type(m).__name__}) is in train mode: it is random. Call model.eval()."
+                f"- '{where}' ({type(m).__name__}) is in train mode: it is random. "
+                "Call model.eval()."
             )
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -55,7 +56,8 @@ def check_example_input(model: nn.Module, example_input: object) -> torch.Tensor
     if not isinstance(example_input, torch.Tensor):
         raise InputError(
             f"example_input must be a torch.Tensor with a batch dimension, got "
-            f"{type(example_input).__name__}. Example: curvbound.compile(model, torch.zeros(1, 784))"
+            f"{type(example_input).__name__}. "
+            "Example: curvbound.compile(model, torch.zeros(1, 784))"
         )
     if example_input.dim() < 1 or example_input.shape[0] < 1:
         raise InputError(

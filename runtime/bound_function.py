@@ -104,7 +104,10 @@ class BoundFunction(nn.Module):
         nodes = {k: (_tensor(a), _tensor(b)) for k, (a, b) in nodes.items()}
         out = Bounds(L, M, self.certified, nodes)
         self._last = Bounds(
-            L.detach(), M.detach(), out.certified, {k: (a.detach(), b.detach()) for k, (a, b) in nodes.items()}
+            L.detach(),
+            M.detach(),
+            out.certified,
+            {k: (a.detach(), b.detach()) for k, (a, b) in nodes.items()},
         )
         return out
 

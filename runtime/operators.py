@@ -1,10 +1,10 @@
 """Linear operators: the linear part of an affine node, reading the model's live parameters.
 
-An operator maps a batch ``(B, *in_shape)`` to ``(B, *out_shape)`` and knows three things about itself:
-how to apply itself (power iteration uses it with autograd for the adjoint), upper bounds on the
-ℓ2 norms of its rows (for the row-norm block rule, theory §3 (d)), and a *certified* (guaranteed)
-upper bound on its spectral norm. Operators hold references to modules or parameter getters, never
-copies of tensors, so an optimiser step is seen without recompiling.
+An operator maps a batch ``(B, *in_shape)`` to ``(B, *out_shape)`` and knows three things about
+itself: how to apply itself (power iteration uses it with autograd for the adjoint), upper bounds
+on the ℓ2 norms of its rows (for the row-norm block rule, theory §3 (d)), and a *certified*
+(guaranteed) upper bound on its spectral norm. Operators hold references to modules or parameter
+getters, never copies of tensors, so an optimiser step is seen without recompiling.
 """
 
 from __future__ import annotations
@@ -480,7 +480,8 @@ class Scalar(LinearOperator):
 
 
 class Reshape(LinearOperator):
-    """A pure reshape/permutation of coordinates (flatten, view, permute, transpose): an isometry."""
+    """A pure reshape/permutation of coordinates (flatten, view, permute, transpose): an
+    isometry."""
 
     isometric = True
 
@@ -662,7 +663,8 @@ class Chain(LinearOperator):
         return r
 
     def row_scaled(self) -> LinearOperator | None:
-        if len(self.core) == 1 and all(o.isometric for o in self.ops[1:]) and self.core[0] is self.ops[0]:
+        rest_isometric = all(o.isometric for o in self.ops[1:])
+        if len(self.core) == 1 and rest_isometric and self.core[0] is self.ops[0]:
             inner = self.ops[0].row_scaled()
             return None if inner is None else Chain.of([inner, *self.ops[1:]])
         return super().row_scaled()

@@ -181,7 +181,8 @@ class Shapes(nn.Module):
         self.flat = nn.Flatten()
         self.ident = nn.Identity()
         self.drop = nn.Dropout(0.3)
-        self.drop1, self.drop2, self.adrop = nn.Dropout1d(0.2), nn.Dropout2d(0.2), nn.AlphaDropout(0.1)
+        self.drop1, self.drop2 = nn.Dropout1d(0.2), nn.Dropout2d(0.2)
+        self.adrop = nn.AlphaDropout(0.1)
 
     def forward(self, x):
         h = torch.tanh(self.conv(x))  # (B, 4, 5, 5)
@@ -246,7 +247,8 @@ SPECS: list[Spec] = [
          lambda: Fn(nn.Sequential(nn.Hardtanh(-0.5, 0.7), nn.ReLU6(), _f(F.hardtanh),
                                   _f(F.relu6))), (4,), smooth=False),
     Spec("max_pool2d", (nn.MaxPool2d, F.max_pool2d),
-         lambda: Spatial(nn.Sequential(nn.MaxPool2d(3, stride=1), _f(lambda x: F.max_pool2d(x, 2)))),
+         lambda: Spatial(nn.Sequential(nn.MaxPool2d(3, stride=1),
+                                       _f(lambda x: F.max_pool2d(x, 2)))),
          (2, 6, 6), smooth=False),
     Spec("max_pool1d", (nn.MaxPool1d, F.max_pool1d),
          lambda: Spatial(nn.Sequential(nn.MaxPool1d(2, stride=1, dilation=2),

@@ -15,6 +15,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
 from curvbound.runtime import certified
 from curvbound.runtime.certified import (
     ABSOLUTE_MARGIN,
@@ -29,8 +32,6 @@ from curvbound.runtime.certified import (
     matrix_of,
     pooling_norm,
 )
-from hypothesis import assume, given, settings
-from hypothesis import strategies as st
 
 # deterministic, and no example database written into the working tree
 HYP = settings(max_examples=120, deadline=None, derandomize=True, database=None)

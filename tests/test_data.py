@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+
 from curvbound import zoo
 from curvbound.runtime import data
 

@@ -11,6 +11,10 @@ import time
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
 from curvbound import zoo
 from curvbound.runtime.empirical import (
     Margin,
@@ -18,9 +22,6 @@ from curvbound.runtime.empirical import (
     hessian_lower_bound,
     lipschitz_lower_bound,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from torch import nn
 
 TANH_CURV = 4 / (3 * math.sqrt(3))  # sup |tanh''|
 SLACK = 1 + 1e-9  # float64 rounding of an attained ratio

@@ -8,8 +8,9 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
-from curvbound import zoo
 from torch import fx, nn
+
+from curvbound import zoo
 
 
 def _same_state(a: nn.Module, b: nn.Module) -> bool:
