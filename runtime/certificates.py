@@ -347,8 +347,9 @@ class Certifier:
     def __call__(self, x: Tensor, y: Tensor | None = None) -> Certificate:
         """Certificates for the batch ``x`` (labels ``y`` optional)."""
         x, y = _check_batch(x, y)
-        if y is not None and ((y < 0) | (y >= self.classes)).any():
-            bad = int(((y < 0) | (y >= self.classes)).nonzero()[0, 0])
+        outside = None if y is None else (y < 0) | (y >= self.classes)
+        if outside is not None and outside.any():
+            bad = int(outside.nonzero()[0, 0])
             raise InputError(
                 f"label y[{bad}] = {int(y[bad])} is not a class of this {self.classes}-class "
                 f"model (labels must lie in 0..{self.classes - 1})"
