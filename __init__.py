@@ -50,6 +50,7 @@ from .compiler.compile import compile
 from .compiler.context import RuleContext, Transfer
 from .compiler.errors import (
     CurvboundError,
+    DiscontinuityError,
     InputError,
     MethodCoverageError,
     ModelStateError,
@@ -87,6 +88,7 @@ __all__ = [
     "RuleError",
     "NonSmoothError",
     "MethodCoverageError",
+    "DiscontinuityError",
     "errors",
     "certify",
     "certify_dataset",

@@ -107,6 +107,13 @@ def compile(  # noqa: A001 - the public name is fixed by the API
     )
     cert, factors, why = rounding.certify_nodes(infos, quantities, norms)
     bf._node_certified, bf._rounding, bf._cert_notes = cert, factors, why
+    made = codegen.generate_errors(gm)
+    if made is not None:
+        bf.error_code, bf._error_fn = made
+        bf._error_factors, not_monotone = rounding.error_factors(infos)
+        for name in not_monotone:  # never happens for the built-in rules; said, not assumed
+            bf._node_certified[name] = False
+        bf._twins = {n.name: t.twin for n, t in transfers.items() if t.twin is not None}
     bf._margin_fold = transfers[out].margin  # how bf.margins() folds e_i − e_j (runtime/margins)
     bf._anchor = anchor  # anchored quantities read the anchor's values from it (runtime/anchored)
     if refresh:

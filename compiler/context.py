@@ -61,6 +61,18 @@ class Transfer:
     elementwise: Elementwise | None = None
     #: set on affine nodes: how to fold a margin vector c into the node (runtime/margins.py)
     margin: Any = None
+    #: Lipschitz factors of the node's value in the values of the nodes it reads:
+    #: ‖v(u) − v(u')‖ ≤ Σ_k gains[u_k]·‖u_k − u_k'‖ (for an affine node, the key is its
+    #: ``source`` and the factor ‖A‖). The compiler carries implementation errors (``error``)
+    #: through them; None: unknown (an error upstream then makes the node's error ∞).
+    gains: Mapping[fx.Node, sympy.Expr] | None = None
+    #: the node's own implementation error in ℓ2: a bound of sup ‖ṽ − v‖ over the values of its
+    #: inputs, where ṽ is what torch computes and v the smooth map that ``lipschitz`` and
+    #: ``curvature`` bound (softplus's threshold switch); 0 for nodes computing v itself
+    error: sympy.Expr = sympy.Integer(0)
+    #: the smooth map v as a function of the node's single input tensor, when ``error`` > 0: the
+    #: certificates run the model's smooth twin with it (runtime/certificates.py)
+    twin: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -245,16 +257,21 @@ class RuleContext:
                 src, merged = prev.source, True
         chain = Chain.of(ops) if merged else op
         if merged and op.isometric:  # a reshape after an affine chain: same norm, no new quantity
-            return Transfer(prev.lipschitz, prev.curvature, {}, chain, src, note=prev.note)
+            gains = prev.gains if prev.gains is not None else None
+            return Transfer(
+                prev.lipschitz, prev.curvature, {}, chain, src, note=prev.note, gains=gains
+            )
         if norm is not None and not merged:
             n = sympy.sympify(norm)
-            return Transfer(n * self.L(src), n * self.M(src), {}, chain, src)
+            return Transfer(n * self.L(src), n * self.M(src), {}, chain, src, gains={src: n})
         if merged and isinstance(chain, Chain) and not chain.core:
             n = sympy.Integer(1)
-            return Transfer(n * self.L(src), n * self.M(src), {}, chain, src)
+            return Transfer(n * self.L(src), n * self.M(src), {}, chain, src, gains={src: n})
         sym, q = self.norm(chain)
         note = f"merged: {chain.describe()}" if merged else ""
-        t = Transfer(sym * self.L(src), sym * self.M(src), {sym: q}, chain, src, note=note)
+        t = Transfer(
+            sym * self.L(src), sym * self.M(src), {sym: q}, chain, src, note=note, gains={src: sym}
+        )
         # LipLT along the chain segment and the two-layer block rules (theory §3-§4)
         from ..passes.lipschitz_lt import refine_affine
 

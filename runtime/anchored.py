@@ -43,6 +43,7 @@ import copy
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import sympy
 import torch
@@ -317,18 +318,38 @@ def anchor_state(bf) -> AnchorState:
     return state
 
 
+def substitute_twins(g: fx.GraphModule, twins: dict[str, Callable]) -> dict[str, fx.Node]:
+    """Replace, in place, each node named in ``twins`` by a call of its smooth twin on the node's
+    input (the smooth map the bounds are for, e.g. softplus without its threshold); returns the
+    graph's nodes by their *original* names (a replaced node's name maps to its replacement)."""
+    nodes = {n.name: n for n in g.graph.nodes}
+    for name, twin in twins.items():
+        node = nodes[name]
+        fn, kwargs = (twin.func, dict(twin.keywords)) if isinstance(twin, partial) else (twin, {})
+        with g.graph.inserting_after(node):
+            new = g.graph.call_function(fn, (node.all_input_nodes[0],), kwargs)
+        node.replace_all_uses_with(new)
+        g.graph.erase_node(node)
+        nodes[name] = new
+    if twins:
+        g.graph.lint()
+        g.recompile()
+    return nodes
+
+
 class Capture(nn.Module):
     """A float64 copy of a traced model that also returns the values of some nodes.
 
     ``Capture(gm, names)(x)`` returns ``(output, {name: value})`` from one forward pass (the
     graph's output node is rewritten to return the extra values). The copy is independent of
-    later changes to the model's weights: make a new one after training.
+    later changes to the model's weights: make a new one after training. ``twins`` (node name →
+    smooth function, ``bf._twins``) makes it a copy of the smooth twin (:func:`substitute_twins`).
     """
 
-    def __init__(self, gm: fx.GraphModule, names: list[str]):
+    def __init__(self, gm: fx.GraphModule, names: list[str], twins: dict | None = None):
         super().__init__()
         g = copy.deepcopy(gm)
-        nodes = {n.name: n for n in g.graph.nodes}
+        nodes = substitute_twins(g, dict(twins or {}))
         unknown = [n for n in names if n not in nodes]
         if unknown:
             raise ValueError(f"nodes {unknown} are not in the traced graph")

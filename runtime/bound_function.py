@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,9 +12,14 @@ import sympy
 import torch
 from torch import Tensor, fx, nn
 
+from .anchored import substitute_twins
 from .norms import Norm, Quantity
 
 __all__ = ["Bounds", "BoundFunction"]
+
+
+def _zero() -> Tensor:
+    return torch.zeros((), dtype=torch.float64)
 
 
 @dataclass
@@ -23,22 +29,41 @@ class Bounds:
     ``lipschitz`` and ``curvature`` are 0-dim tensors (``inf`` curvature for non-C¹ models);
     ``certified`` is True exactly when every number that entered them is a guaranteed bound;
     ``nodes`` maps each node name to its (L, M) pair.
+
+    ``error`` (0-dim, float64) is 0 unless the model uses an activation whose torch
+    implementation switches formulas (``nn.Softplus``/``F.softplus``, which return x itself once
+    βx > threshold). Then torch's map f is discontinuous and has no finite Lipschitz constant;
+    ``lipschitz`` and ``curvature`` are the constants of its smooth twin F (every softplus
+    without its threshold), and ``error`` bounds sup_x ‖f(x) − F(x)‖. Consequences for f itself:
+    ‖f(x) − f(y)‖ ≤ lipschitz·‖x − y‖ + 2·error, and the certificates subtract √2·error from
+    every logit gap (docs/certified_norms.md, "Activations that switch formulas").
+
+    Example:
+        >>> import torch, curvbound
+        >>> net = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.Softplus(beta=2, threshold=5))
+        >>> with torch.no_grad():
+        ...     _ = net[0].weight.fill_(1.0), net[0].bias.fill_(0.0)
+        >>> curvbound.compile(net, torch.zeros(1, 1), norms="certified")()
+        Bounds(lipschitz=1, curvature=0.5, error=0.00335767, certified)
     """
 
     lipschitz: Tensor
     curvature: Tensor
     certified: bool
     nodes: dict[str, tuple[Tensor, Tensor]] = field(repr=False, default_factory=dict)
+    error: Tensor = field(default_factory=_zero)
 
     def __iter__(self):
         return iter((self.lipschitz, self.curvature))
 
     def __repr__(self) -> str:
         kind = "certified" if self.certified else "estimated"
+        err = float(self.error.detach())
+        extra = f"error={err:.6g}, " if err != 0 else ""
         return (
             f"Bounds(lipschitz={float(self.lipschitz.detach()):.6g}, "
             f"curvature={float(self.curvature.detach()):.6g}, "
-            f"{kind})"
+            f"{extra}{kind})"
         )
 
 
@@ -83,6 +108,13 @@ class BoundFunction(nn.Module):
         self._rounding: dict[str, tuple[float, float]] = {}
         # set by compile: how to fold a margin e_i − e_j into the output node (runtime/margins.py)
         self._margin_fold = None
+        # set by compile when an activation's torch implementation switches formulas: the
+        # generated error function (compiler/codegen.generate_errors), its rounding factors,
+        # and the smooth replacement of each switching node (its "twin", see smooth_twin)
+        self._error_fn: Callable | None = None
+        self.error_code: str = ""
+        self._error_factors: dict[str, float] = {}
+        self._twins: dict[str, Callable] = {}
 
     @property
     def model(self) -> nn.Module:
@@ -102,14 +134,41 @@ class BoundFunction(nn.Module):
             L, M = nodes[self.output]
         L, M = _tensor(L), _tensor(M)
         nodes = {k: (_tensor(a), _tensor(b)) for k, (a, b) in nodes.items()}
-        out = Bounds(L, M, self.certified, nodes)
+        error = self._errors(q).get(self.output, _zero())
+        out = Bounds(L, M, self.certified, nodes, error)
         self._last = Bounds(
             L.detach(),
             M.detach(),
             out.certified,
             {k: (a.detach(), b.detach()) for k, (a, b) in nodes.items()},
+            error.detach(),
         )
         return out
+
+    def _errors(self, q) -> dict[str, Tensor]:
+        """Each node's implementation error (see :class:`Bounds`), rounded up when certified."""
+        if self._error_fn is None:
+            return {}
+        raw = self._error_fn(q)
+        f = self._error_factors if self.norms == "certified" else {}
+        return {k: _tensor(v) * f.get(k, 1.0) for k, v in raw.items()}
+
+    def smooth_twin(self, dtype: torch.dtype | None = None) -> fx.GraphModule:
+        """A copy of the traced model with every switching activation replaced by its smooth
+        function (``nn.Softplus``/``F.softplus`` → softplus without its threshold): the map whose
+        constants ``bf()`` reports. It is the model itself (a copy) when ``bf().error`` is 0.
+
+        Example:
+            >>> import torch, curvbound
+            >>> net = torch.nn.Sequential(torch.nn.Softplus(threshold=5))
+            >>> twin = curvbound.compile(net, torch.zeros(1, 1)).smooth_twin()
+            >>> x = torch.tensor([[5.5]])
+            >>> float(net(x)), round(float(twin(x)), 6)  # torch returns x above the threshold
+            (5.5, 5.504078)
+        """
+        g = copy.deepcopy(self.gm)
+        substitute_twins(g, self._twins)
+        return g if dtype is None else g.to(dtype)
 
     @property
     def certified(self) -> bool:
@@ -271,9 +330,15 @@ class BoundFunction(nn.Module):
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         kind = "certified" if self.certified else "estimated (power iteration)"
+        err = float(last.error)
+        extra = (
+            f", error = {err:.6g} (torch's switching activations: f = smooth map + error)"
+            if err != 0
+            else ""
+        )
         lines.append(
             f"output {self.output}: L = {float(last.lipschitz):.6g}, "
-            f"M = {float(last.curvature):.6g} [{self.method}, {kind}]"
+            f"M = {float(last.curvature):.6g}{extra} [{self.method}, {kind}]"
         )
         return "\n".join(lines)
 

@@ -21,6 +21,13 @@ else √2 times the global bound (the certificate's ``margin_source`` says which
 per pair when the output layer can fold the margin, else √2 times the anchored bound; each
 M_i is the smallest of the valid bounds.
 
+Activations whose torch implementation switches formulas (``nn.Softplus``/``F.softplus`` return x
+once βx > threshold) make torch's map f discontinuous: f = F + E with F the smooth twin
+(``bf.smooth_twin()``), whose constants the bounds are, and ‖E‖ ≤ ε = ``bf().error``. The
+prediction p is f's; gaps, gradients and anchors are F's, and every gap is lowered by √2·ε
+(raised for attacks), because |(e_i − e_p)ᵀE| ≤ √2·ε: f_i − f_p < 0 on the ball follows from
+F_i − F_p < −√2·ε there. With ε = 0 (no switching activation) nothing changes.
+
 Numerics: everything runs in float64 on a float64 copy of the model. Logit gaps are lowered and
 gradient norms raised (raised and lowered for attacks) by 1e-9 relative, which covers the rounding
 of a float64 forward and backward pass by a wide margin, and radii are rounded down.
@@ -145,6 +152,9 @@ class Certificate:
     local: bool
     curvature_used: bool
     notes: list[str] = field(default_factory=list)
+    #: √2·ε subtracted from every logit gap (added for attacks), ε = ``Bounds.error``: how far
+    #: torch's switching activations can move a margin from the smooth twin's (0 without them)
+    error: float = 0.0
 
     def __len__(self) -> int:
         return len(self.predicted)
@@ -323,7 +333,18 @@ class Certifier:
         self.global_curvature = float(glob.curvature)
         self._pairs(bf)
         names = anchor_state(bf).nodes if self.local else []
-        self.capture = Capture(bf.gm, names)
+        twins = getattr(bf, "_twins", {})
+        # torch's switching activations: gaps, gradients and anchors come from the smooth twin,
+        # the prediction from the model itself, and √2·ε covers the difference (module docstring)
+        self.capture = Capture(bf.gm, names, twins=twins)
+        self.real = Capture(bf.gm, []) if twins else None
+        eps = float(glob.error)
+        self.error = eps * math.sqrt(2) * (1 + 4 * 2.0**-53) if eps else 0.0
+        if eps:
+            self.notes.append(
+                f"torch's switching activations ({', '.join(sorted(twins))}): every logit gap "
+                f"lowered by √2·error = {self.error:.3g} (Bounds.error)"
+            )
         self.anchored_pairs = _AnchoredPairs(bf) if self.local else None
 
     def _pairs(self, bf) -> None:
@@ -359,7 +380,13 @@ class Certifier:
             logits, values = self.capture(x64)
             if logits.dim() != 2 or logits.shape[1] != self.classes:
                 raise InputError(f"the model returned shape {tuple(logits.shape)}, expected (B, K)")
-            pred = logits.argmax(dim=1)
+            if self.real is not None:  # torch's prediction; the twin's logits for the gaps
+                with torch.no_grad():
+                    real = self.real(x64.detach())[0]
+                pred = real.argmax(dim=1)
+            else:
+                real = None
+                pred = logits.argmax(dim=1)
             grads = _margin_gradients(logits, x64, pred)  # (K, B, *shape)
         logits = logits.detach()
         b, k = logits.shape
@@ -386,7 +413,7 @@ class Certifier:
         curv = torch.where(is_p, inf, curv)
         scale = logits.abs()
         slack = _REL * (scale + scale.gather(1, pred[:, None])) + 1e-300
-        m_lo = torch.where(is_p, inf, (gaps - slack).clamp_min(0))
+        m_lo = torch.where(is_p, inf, (gaps - slack - self.error).clamp_min(0))
         g_hi = g * (1 + _REL) + 1e-300
         # certified radii
         r_lip = torch.where(is_p, inf, lipschitz_radius(m_lo, lip)).amin(dim=1) * _DOWN
@@ -399,7 +426,7 @@ class Certifier:
         if correct is not None:
             radius = torch.where(correct, radius, torch.zeros_like(radius))
         # attack certificates
-        m_hi = gaps + slack
+        m_hi = gaps + slack + self.error
         g_lo = (g * (1 - _REL)).clamp_min(0)
         t_star = torch.where(is_p, inf, attack_distance(m_hi, g_lo, curv))
         root = torch.sqrt((g_lo * g_lo - 2 * curv * m_hi).clamp_min(0))
@@ -425,7 +452,7 @@ class Certifier:
             predicted=pred,
             label=y,
             correct=correct,
-            margin=_runner_up_gap(logits),
+            margin=_runner_up_gap(logits if real is None else real),
             lipschitz_radius=r_lip,
             curvature_radius=r_curv,
             radius=radius,
@@ -443,6 +470,7 @@ class Certifier:
             local=self.local,
             curvature_used=self.curvature_used,
             notes=list(self.notes),
+            error=self.error,
         )
 
 

@@ -81,9 +81,12 @@ def elementwise_transfer(
             c, kappa = found[0], dict([found])
     info = Elementwise(u, a, c, lo, hi, name)
     L = a * ctx.L(u)
+    switch = _own_error(ctx, record)
     if c == sympy.oo:
         note = f"{name}' is discontinuous: curvature ∞"
-        return Transfer(L, sympy.oo, nonsmooth=True, note=note, elementwise=info)
+        return Transfer(
+            L, sympy.oo, nonsmooth=True, note=note, elementwise=info, gains={u: a}, **switch
+        )
     prod = ctx.transfer(u)
     op = prod.operator
     if (
@@ -109,8 +112,22 @@ def elementwise_transfer(
                 {**quantities, **kappa},
                 note=f"block rule (d): {sym} = ‖diag(r)A‖, A = {op.describe()}",
                 elementwise=info,
+                gains={u: a},
+                **switch,
             )
-    return Transfer(L, c * ctx.L(u) ** 2 + a * ctx.M(u), kappa, elementwise=info)
+    return Transfer(
+        L, c * ctx.L(u) ** 2 + a * ctx.M(u), kappa, elementwise=info, gains={u: a}, **switch
+    )
+
+
+def _own_error(ctx: RuleContext, record: Any) -> dict:
+    """The node's own implementation error δ·√n (n = units per sample) for a record whose torch
+    function switches formulas (``record.jump`` = δ > 0), with the smooth twin; else nothing."""
+    jump = number(getattr(record, "jump", 0) or 0)
+    if jump == 0:
+        return {}
+    n = math.prod(ctx.shape())
+    return {"error": jump * sympy.sqrt(sympy.Integer(n)), "twin": record.twin}
 
 
 def elementwise(
