@@ -17,7 +17,7 @@ into a readable torch function evaluated on the model's live weights. On a small
     softplus  softplus()   activations.softplus  0.8852  0.6767  26.7%    yes
     add       add()        linear.add            1.884   1.13    0.0%     yes
     out       Linear       linear.linear         1.197   0.7175  0.0%     yes
-    output out: L = 1.1968, M = 0.71751 [compositional, certified]
+    output out: L = 1.1968, M = 0.71751, error = 1.8512e-09 [compositional, certified]
 
     print(bf.code)
 

@@ -331,11 +331,7 @@ class BoundFunction(nn.Module):
         lines.insert(1, "  ".join("-" * w for w in widths))
         kind = "certified" if self.certified else "estimated (power iteration)"
         err = float(last.error)
-        extra = (
-            f", error = {err:.6g} (torch's switching activations: f = smooth map + error)"
-            if err != 0
-            else ""
-        )
+        extra = f", error = {err:.6g}" if err != 0 else ""  # torch's switching softplus
         lines.append(
             f"output {self.output}: L = {float(last.lipschitz):.6g}, "
             f"M = {float(last.curvature):.6g}{extra} [{self.method}, {kind}]"

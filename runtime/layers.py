@@ -1,4 +1,4 @@
-"""Small layers curvbound knows by name, and smooth forms of torch functions that switch formulas."""
+"""Small layers curvbound knows by name, and smooth forms of torch functions that switch."""
 
 from __future__ import annotations
 
