@@ -398,10 +398,12 @@ def anchored_bounds(bf, x0: Tensor) -> AnchoredBounds:
     ``bf`` must be compiled with ``anchored=True``. One float64 forward pass captures the
     pre-activation values at the anchors; the compiled bound is then evaluated with per-sample
     anchored quantities (module docstring). Every value is ≤ the global bound ``bf().curvature``.
+    With torch's switching softplus (``bf().error`` > 0) the bounds are those of the smooth twin
+    anchored at x0, and the pass runs the twin (``bf.smooth_twin()``).
     """
     state = anchor_state(bf)
     if not isinstance(x0, Tensor) or x0.dim() < 1:
         raise TypeError("x0 must be a batched tensor (B, *input_shape)")
     with torch.no_grad():
-        _, values = Capture(bf.gm, state.nodes)(x0)
+        _, values = Capture(bf.gm, state.nodes, twins=getattr(bf, "_twins", {}))(x0)
     return evaluate_anchored(bf, values, len(x0))
