@@ -5,8 +5,8 @@ suite uses), compiled with both methods and both norm modes. A *violation* is a 
 below a float64 gradient-ascent lower bound, an estimate above the certified bound, or a certified
 compile not flagged certified; with torch's switching softplus (small thresholds are among the
 activations), also a pair straddling a switch where ‖f(x) − f(y)‖ > L‖x − y‖ + 2·error or
-‖f − smooth twin‖ > error (``check_case``). The script prints the count, the violations (must be 0) and the
-distribution of bound/lower-bound ratios for L and M.
+‖f − smooth twin‖ > error (``check_case``). The script prints the count, the violations (must
+be 0) and the distribution of bound/lower-bound ratios for L and M.
 
 Run from the repository root:
 

@@ -696,7 +696,7 @@ def check_case(
     the error term those pairs fail (they are a few ulps apart across a jump).
     """
     import curvbound
-    from curvbound.runtime.empirical import (
+    from curvbound.apps.empirical import (
         curvature_lower_bound,
         lipschitz_lower_bound,
         straddling_pairs,

@@ -1,7 +1,7 @@
 """Every registered rule has a row in the spec table, and every row is sound.
 
 Soundness: the compiled bounds (certified norms, both methods) are ≥ empirical lower bounds found by
-sampling and gradient ascent in float64 (curvbound.runtime.empirical); non-smooth rows report an
+sampling and gradient ascent in float64 (curvbound.apps.empirical); non-smooth rows report an
 infinite curvature and name the culprit nodes. Rows with torch's switching softplus
 (``Bounds.error`` > 0) are checked as the library states them: L and M against lower bounds of the
 smooth twin, and torch's own function on pairs straddling each switch,
@@ -18,13 +18,13 @@ import torch
 from rule_specs import SPECS
 
 import curvbound
-from curvbound.compiler.registry import DEFAULT_REGISTRY, lookup_key, target_name
-from curvbound.runtime.empirical import (
+from curvbound.apps.empirical import (
     curvature_lower_bound,
     lipschitz_lower_bound,
     straddling_pairs,
     switch_sites,
 )
+from curvbound.compiler.registry import DEFAULT_REGISTRY, lookup_key, target_name
 
 RTOL = 1e-9  # float64 rounding of the bound itself; empirical values are attained ratios
 

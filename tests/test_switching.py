@@ -4,7 +4,7 @@ torch's softplus returns x itself once βx > threshold: the map jumps by log(1 +
 there. A compiled bound is for the smooth twin F (softplus without the threshold) and reports
 ``Bounds.error`` ε ≥ sup‖f − F‖ for torch's f; certificates lower every logit gap by √2·ε. These
 tests check that against torch's function itself, with pairs straddling the switch
-(``runtime.empirical.straddling_pairs``), which gradient ascent and random pairs never hit.
+(``apps.empirical.straddling_pairs``), which gradient ascent and random pairs never hit.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import curvbound
-from curvbound.passes.rules import smoothness as S
-from curvbound.runtime.empirical import straddling_pairs, switch_sites
+from curvbound.apps.empirical import straddling_pairs, switch_sites
+from curvbound.runtime import smoothness as S
 from curvbound.runtime.layers import smooth_softplus
 
 torch.set_num_threads(1)
@@ -55,7 +55,7 @@ def test_threshold_one_is_refused_with_the_node_and_the_fix():
     with pytest.raises(curvbound.DiscontinuityError) as info:
         curvbound.compile(net, torch.zeros(1, 1))
     msg = str(info.value)
-    assert "node '_1'" in msg and "module '1'" in msg and "threshold=1" in msg
+    assert "node '_1' (1 (Softplus))" in msg and "threshold=1" in msg
     assert "0.313" in msg  # log(1 + e^{-1}), the jump
     assert "Raise the threshold" in msg and "CenteredSoftplus" in msg
 

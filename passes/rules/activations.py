@@ -1,5 +1,5 @@
 """Elementwise activations. Each rule states sup|σ'| and sup|σ''| (theory §8); the constants
-come from :mod:`curvbound.passes.rules.smoothness`, which derives or verifies them."""
+come from :mod:`curvbound.runtime.smoothness`, which derives or verifies them."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from torch import fx, nn
 
 from ...compiler.context import RuleContext, Transfer
 from ...compiler.errors import DiscontinuityError
+from ...compiler.naming import node_label
+from ...runtime import smoothness as S
 from ...runtime.layers import CenteredSoftplus
-from . import smoothness as S
 from .base import elementwise_transfer, register
 
 __all__: list[str] = []
@@ -47,10 +48,11 @@ def softplus(node: fx.Node, ctx: RuleContext) -> Transfer:
     """softplus_β: sup|σ'| = 1, sup|σ''| = β/4, for the smooth softplus.
 
     torch returns x itself once βx > threshold; the rule records that switch as the node's
-    ``error`` (log(1 + e^{−threshold})/β per unit, see :func:`~.smoothness.softplus`), which the
-    compiler carries to the output (``Bounds.error``). A threshold whose slope jump 1/(1 + e^t)
-    exceeds :data:`~.smoothness.MAX_SLOPE_JUMP` (t < ln 99 ≈ 4.6), or one beyond the dtype's
-    exp overflow, raises :class:`~curvbound.compiler.errors.DiscontinuityError`.
+    ``error`` (log(1 + e^{−threshold})/β per unit, see
+    :func:`curvbound.runtime.smoothness.softplus`), which the compiler carries to the output
+    (``Bounds.error``). A threshold whose slope jump 1/(1 + e^t) exceeds
+    :data:`curvbound.runtime.smoothness.MAX_SLOPE_JUMP` (t < ln 99 ≈ 4.6), or one beyond the
+    dtype's exp overflow, raises :class:`~curvbound.compiler.errors.DiscontinuityError`.
     """
     beta = float(_param(ctx, "beta", 1, 1.0))
     threshold = float(_param(ctx, "threshold", 2, 20.0))
@@ -79,9 +81,7 @@ def softplus(node: fx.Node, ctx: RuleContext) -> Transfer:
 
 
 def _where(node: fx.Node, ctx: RuleContext) -> str:
-    if node.op == "call_module":
-        return f"node '{node.name}' (module '{node.target}', {type(ctx.module).__name__})"
-    return f"node '{node.name}' ({node.op} {getattr(node.target, '__name__', node.target)})"
+    return f"node '{node.name}' ({node_label(node, ctx.root)})"
 
 
 @register(CenteredSoftplus)

@@ -6,16 +6,36 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import networkx as nx
 import sympy
 import torch
 from torch import Tensor, fx, nn
 
-from .anchored import substitute_twins
-from .norms import Norm, Quantity
+from ..runtime.norms import Norm, Quantity
+from .margins import margins
 
-__all__ = ["Bounds", "BoundFunction"]
+__all__ = ["Bounds", "BoundFunction", "substitute_twins"]
+
+
+def substitute_twins(g: fx.GraphModule, twins: dict[str, Callable]) -> dict[str, fx.Node]:
+    """Replace, in place, each node named in ``twins`` by a call of its smooth twin on the node's
+    input (the smooth map the bounds are for, e.g. softplus without its threshold); returns the
+    graph's nodes by their *original* names (a replaced node's name maps to its replacement)."""
+    nodes = {n.name: n for n in g.graph.nodes}
+    for name, twin in twins.items():
+        node = nodes[name]
+        fn, kwargs = (twin.func, dict(twin.keywords)) if isinstance(twin, partial) else (twin, {})
+        with g.graph.inserting_after(node):
+            new = g.graph.call_function(fn, (node.all_input_nodes[0],), kwargs)
+        node.replace_all_uses_with(new)
+        g.graph.erase_node(node)
+        nodes[name] = new
+    if twins:
+        g.graph.lint()
+        g.recompile()
+    return nodes
 
 
 def _zero() -> Tensor:
@@ -180,15 +200,13 @@ class BoundFunction(nn.Module):
         return self.norms == "certified" and all(q.certified for q in self.quantities.values())
 
     def margins(self):
-        """Bounds on every logit difference f_i − f_j: a :class:`~curvbound.runtime.margins.Margins`
+        """Bounds on every logit difference f_i − f_j, a :class:`~.margins.Margins`,
         with K×K ``lipschitz`` and ``curvature`` tensors (zero diagonal) and ``certified``.
 
         Each pair c = e_i − e_j is folded into the last linear layer and only the output block is
         recomputed, for all pairs in one batch (theory §5); where that does not apply the result is
         √2 times the global bound and ``.pairwise`` is False. See :mod:`curvbound.runtime.margins`.
         """
-        from .margins import margins
-
         return margins(self)
 
     def node_certified(self, name: str) -> bool:
