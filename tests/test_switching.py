@@ -333,5 +333,5 @@ def test_certified_norms_doc_example_is_current():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "certified_norms.md").read_text()
     net = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.Softplus(beta=2, threshold=5))
     err = curvbound.compile(net, torch.zeros(1, 1), norms="certified")().error
-    assert f">>> bf().error    # log(1 + e^-5)/2: torch is up to 0.0034 below the smooth softplus\n" \
-           f"{err!r}\n" in doc
+    line = ">>> bf().error    # log(1 + e^-5)/2: torch is up to 0.0034 below the smooth softplus"
+    assert f"{line}\n{err!r}\n" in doc
