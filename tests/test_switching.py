@@ -335,3 +335,15 @@ def test_certified_norms_doc_example_is_current():
     err = curvbound.compile(net, torch.zeros(1, 1), norms="certified")().error
     line = ">>> bf().error    # log(1 + e^-5)/2: torch is up to 0.0034 below the smooth softplus"
     assert f"{line}\n{err!r}\n" in doc
+
+
+def test_thresholds_beyond_exp_overflow_are_refused_for_their_dtype():
+    # float32: exp(βx) overflows for βx > 88.7, so torch returns inf between there and 100
+    net = nn.Sequential(nn.Linear(2, 2), nn.Softplus(threshold=100.0))
+    with torch.no_grad():
+        assert math.isinf(float(net[1](torch.tensor([95.0]))))
+    with pytest.raises(curvbound.DiscontinuityError, match="overflows"):
+        curvbound.compile(net, torch.zeros(1, 2))
+    # float64 overflows only past 709.8: the same threshold is fine there, with a tiny error
+    b = curvbound.compile(net.double(), torch.zeros(1, 2, dtype=torch.float64))()
+    assert 0 < float(b.error) < 1e-40
