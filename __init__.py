@@ -65,6 +65,7 @@ from .runtime.anchored import AnchoredBounds, anchored_bounds
 from .runtime.bound_function import BoundFunction, Bounds
 from .runtime.certificates import AdversarialExamples, Certificate, certify, certify_dataset
 from .runtime.layers import CenteredSoftplus
+from .runtime.training import Accuracy, CurvaturePenalty, margin_radii, radius_loss
 
 __all__ = [
     "compile",
@@ -94,6 +95,10 @@ __all__ = [
     "AdversarialExamples",
     "anchored_bounds",
     "AnchoredBounds",
+    "CurvaturePenalty",
+    "Accuracy",
+    "radius_loss",
+    "margin_radii",
 ]
 
 

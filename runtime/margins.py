@@ -68,24 +68,36 @@ def pair_index(k: int) -> tuple[Tensor, Tensor]:
 
 
 class _Context:
-    """Per-call cache: the rows of a map ending in G (opᵀe_k for every class k), by operator."""
+    """Per-call cache: the rows of a map ending in G (opᵀe_k for every class k), by operator.
 
-    def __init__(self, k: int, certified: bool):
-        self.k, self.certified = k, certified
-        self.i, self.j = pair_index(k)
+    ``grad``: keep the computation differentiable in the weights (estimate mode, for training);
+    ``device``: where the pair tensors live (the model's device)."""
+
+    def __init__(self, k: int, certified: bool, *, grad: bool = False,
+                 device: torch.device | None = None):
+        self.k, self.certified, self.grad, self.device = k, certified, grad, device
+        self.i, self.j = (t.to(device) for t in pair_index(k))
         self._rows: dict[int, Tensor] = {}
+
+    def keep(self, t: Tensor) -> Tensor:
+        """``t`` in float64, detached unless the call is differentiable."""
+        return t.double() if self.grad else t.detach().double()
+
+    def empty(self, n: int) -> Tensor:
+        return torch.empty(n, dtype=torch.float64, device=self.device)
 
     def rows(self, op: LinearOperator) -> Tensor:
         """(K, n_in) matrix whose row k is Aᵀe_k (one batched vector–Jacobian product)."""
         key = id(op)
         if key not in self._rows:
             # float64 from the float64 values of the parameters (exact_arithmetic)
-            x = torch.zeros(self.k, *op.in_shape, dtype=torch.float64, requires_grad=True)
+            x = torch.zeros(self.k, *op.in_shape, dtype=torch.float64, requires_grad=True,
+                            device=self.device)
             with exact_arithmetic(), torch.enable_grad():
                 y = op.apply(x).reshape(self.k, -1)
-                eye = torch.eye(self.k, dtype=y.dtype)
-                (g,) = torch.autograd.grad(y, x, eye)
-            self._rows[key] = g.reshape(self.k, -1).detach().double()
+                eye = torch.eye(self.k, dtype=y.dtype, device=y.device)
+                (g,) = torch.autograd.grad(y, x, eye, create_graph=self.grad)
+            self._rows[key] = self.keep(g.reshape(self.k, -1))
         return self._rows[key]
 
     def chunks(self, width: int):
@@ -104,7 +116,7 @@ class PairVectorNorm:
 
     def pairs(self, ctx: _Context) -> Tensor:
         r = ctx.rows(self.op)
-        out = torch.empty(len(ctx.i), dtype=torch.float64)
+        out = ctx.empty(len(ctx.i))
         for sl in ctx.chunks(r.shape[1]):
             out[sl] = (r[ctx.i[sl]] - r[ctx.j[sl]]).norm(dim=1)
         if ctx.certified:
@@ -134,7 +146,7 @@ class PairScaledRows:
         r = ctx.rows(self.G)  # (K, m): row k = Gᵀe_k (exact: G has one factor)
         m = r.shape[1]
         with exact_arithmetic():
-            w = matrix_of(self.W).detach().double()
+            w = ctx.keep(matrix_of(self.W))
         t = w @ w.T
         if ctx.certified:
             e_t = _gamma(w.shape[1] + 8) * (w.abs() @ w.abs().T)  # entrywise bound on |T − T̂|
@@ -142,7 +154,7 @@ class PairScaledRows:
             return self._cheap(ctx, r, t.abs() + e_t if ctx.certified else t.abs())
         if ctx.certified:
             e_t = torch.linalg.matrix_norm(e_t)
-        out = torch.empty(len(ctx.i), dtype=torch.float64)
+        out = ctx.empty(len(ctx.i))
         for sl in ctx.chunks(m * m):
             c = (r[ctx.i[sl]] - r[ctx.j[sl]]).abs()
             if ctx.certified:
@@ -168,7 +180,7 @@ class PairScaledRows:
         λ_max(DTD) ≤ max_i d_i·Σ_j |T_ij|·d_j (one matrix product for all pairs), and for p = 1
         also √2·‖Â‖ (‖Â_c‖ ≤ ‖c‖·‖Â‖ since GᵀccᵀG ⪯ ‖c‖²GᵀG) and max|c̃|·‖W‖."""
         n = len(ctx.i)
-        out = torch.empty(n, dtype=torch.float64)
+        out = ctx.empty(n)
         for sl in ctx.chunks(r.shape[1]):
             c = (r[ctx.i[sl]] - r[ctx.j[sl]]).abs()
             if ctx.certified:
@@ -198,8 +210,8 @@ class PairLipLT:
     def pairs(self, ctx: _Context) -> Tensor:
         from ..compiler.rounding import rounding_factor
 
-        with torch.no_grad():
-            mus = [v.detach().double() for v in self.mu.values()[:-1]]
+        with torch.set_grad_enabled(ctx.grad):
+            mus = [ctx.keep(v) for v in self.mu.values()[:-1]]
         n = self.mu.n
         pv = {key: PairVectorNorm(op).pairs(ctx) for key, op in self.ops.items()}
         total = liplt_step(n, self.mu.acts, mus, pv.__getitem__)
@@ -216,9 +228,9 @@ class PairCRT:
 
     def pairs(self, ctx: _Context) -> Tensor:
         with exact_arithmetic():
-            top = matrix_of(self.q.ops[-1]).detach().double()  # W_L: K × m
-        out = torch.empty(len(ctx.i), dtype=torch.float64)
-        with exact_arithmetic(), torch.no_grad():
+            top = ctx.keep(matrix_of(self.q.ops[-1]))  # W_L: K × m
+        out = ctx.empty(len(ctx.i))
+        with exact_arithmetic(), torch.set_grad_enabled(ctx.grad):
             for sl in ctx.chunks(top.shape[1] * 4):
                 s = (top[ctx.i[sl]] - top[ctx.j[sl]]).abs()
                 out[sl] = self.q.vectors(s).max(dim=1).values
@@ -278,18 +290,18 @@ class Margins:
         )
 
 
-def _evaluate(expr: sympy.Expr, values: Mapping[str, Any]) -> Tensor:
+def _evaluate(expr: sympy.Expr, values: Mapping[str, Any], device=None) -> Tensor:
     from ..compiler.codegen import print_expr
 
     src = print_expr(expr)
     scope = {"torch": torch, "math": math, **values}
     out = eval(compile(src, "<curvbound-margin>", "eval"), scope)  # noqa: S307 - our own printer
-    return torch.as_tensor(out, dtype=torch.float64)
+    return torch.as_tensor(out, dtype=torch.float64, device=device)
 
 
 def _square(values: Tensor, k: int) -> Tensor:
-    out = torch.zeros(k, k, dtype=torch.float64)
-    i, j = pair_index(k)
+    out = torch.zeros(k, k, dtype=torch.float64, device=values.device)
+    i, j = (t.to(values.device) for t in pair_index(k))
     out[i, j] = values
     out[j, i] = values
     return out
@@ -305,15 +317,30 @@ def _fallback(bf, reason: str, k: int) -> Margins:
     return Margins(lip, curv, bool(b.certified), False, bf.method, note)
 
 
-@torch.no_grad()
-def margins(bf) -> Margins:
+def margins(bf, *, differentiable: bool = False) -> Margins:
     """Pairwise Lipschitz and curvature bounds of every margin f_i − f_j of ``bf``'s model.
 
     Evaluates ``bf()`` once (the current power-iteration state; refresh first for converged
     estimates) and folds each pair c = e_i − e_j into the output node (module docstring). Falls
     back to √2 times the global bound, saying so in ``.note``, when the output node is not a
     linear layer whose rule recorded how to fold c.
+
+    ``differentiable=True`` (estimate mode only) keeps the whole computation on the autograd
+    graph of the live weights, for training (:class:`curvbound.CurvaturePenalty` with
+    ``margins=True``): the same quantities, with every power-iteration vector held fixed as in
+    ``bf()``; the per-pair block norms are top eigenvalues λ_max(D_c·WWᵀ·D_c) from ``eigvalsh``,
+    whose derivative is vᵀ(dS)v (v the top eigenvector; exact where λ_max is simple).
     """
+    if differentiable and bf.norms == "certified":
+        raise ValueError(
+            "margins(differentiable=True) needs an estimate-mode bound (norms='estimate'): "
+            "certified norms are not differentiable"
+        )
+    with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+        return _margins(bf, differentiable)
+
+
+def _margins(bf, differentiable: bool) -> Margins:
     from ..compiler.rounding import rounding_exponent, rounding_factor
 
     out_info = next(nb for nb in bf._node_info if nb.name == bf.output)
@@ -325,13 +352,13 @@ def margins(bf) -> Margins:
         return _fallback(bf, f"the output node '{bf.output}' is not a linear layer", k)
     bounds = bf()
     certified = bool(bounds.certified)
+    ctx = _Context(k, certified, grad=differentiable, device=bounds.curvature.device)
     values: dict[str, Any] = {}
     for name, q in bf.quantities.items():
-        values[name] = q().detach().double()
+        values[name] = ctx.keep(q())
     for name, (L, M) in bounds.nodes.items():
-        values[f"L_{name}"] = L.detach().double()
-        values[f"M_{name}"] = M.detach().double()
-    ctx = _Context(k, certified)
+        values[f"L_{name}"] = ctx.keep(L)
+        values[f"M_{name}"] = ctx.keep(M)
     try:
         for sym, pq in fold.fold.items():
             values[sym.name] = pq.pairs(ctx)
@@ -343,8 +370,8 @@ def margins(bf) -> Margins:
     curv_expr = out_info.curvature.xreplace(
         {m: sympy.Min(*m.args, *extra, evaluate=False) for m, extra in fold.extra.items()}
     )
-    lip = _evaluate(lip_expr, values).expand(len(ctx.i))
-    curv = _evaluate(curv_expr, values).expand(len(ctx.i))
+    lip = _evaluate(lip_expr, values, ctx.device).expand(len(ctx.i))
+    curv = _evaluate(curv_expr, values, ctx.device).expand(len(ctx.i))
     if certified:  # the float64 arithmetic of the two expressions, bounded as in compiler/rounding
         for expr, name in ((lip_expr, "lip"), (curv_expr, "curv")):
             e = rounding_exponent(expr, {})
