@@ -34,8 +34,8 @@ from torch import nn
 
 import curvbound
 from curvbound import zoo
-from curvbound.runtime import data
-from curvbound.runtime.training import REFRESH_STEPS
+from curvbound.apps import data
+from curvbound.apps.training import REFRESH_STEPS
 
 
 def batches(n=4096):

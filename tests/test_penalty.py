@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import curvbound
+from curvbound.apps.training import Accuracy, margin_radii, unwrap_model
 from curvbound.runtime.products import ProductNorm, matrix_of
-from curvbound.runtime.training import Accuracy, margin_radii, unwrap_model
 
 
 def _mlp(d=16, w=24, k=5, depth=6, seed=0, dtype=torch.float32):

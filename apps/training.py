@@ -37,9 +37,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..compiler.compile import compile as compile_bound
+from ..compiler.bound_function import BoundFunction
 from ..compiler.errors import InputError
-from .bound_function import BoundFunction
+from ..pipeline import compile as compile_bound
 
 __all__ = [
     "Accuracy",

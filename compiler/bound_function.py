@@ -11,7 +11,8 @@ import sympy
 import torch
 from torch import Tensor, fx, nn
 
-from .norms import Norm, Quantity
+from ..runtime.norms import Norm, Quantity
+from .margins import margins
 
 __all__ = ["Bounds", "BoundFunction"]
 
@@ -121,7 +122,7 @@ class BoundFunction(nn.Module):
         return self.norms == "certified" and all(q.certified for q in self.quantities.values())
 
     def margins(self, *, differentiable: bool = False):
-        """Bounds on every logit difference f_i − f_j: a :class:`~curvbound.runtime.margins.Margins`
+        """Bounds on every logit difference f_i − f_j, a :class:`~.margins.Margins`,
         with K×K ``lipschitz`` and ``curvature`` tensors (zero diagonal) and ``certified``.
 
         Each pair c = e_i − e_j is folded into the last linear layer and only the output block is
@@ -129,8 +130,6 @@ class BoundFunction(nn.Module):
         √2 times the global bound and ``.pairwise`` is False. See :mod:`curvbound.runtime.margins`.
         ``differentiable=True`` (estimate mode) keeps the result on the weights' autograd graph.
         """
-        from .margins import margins
-
         return margins(self, differentiable=differentiable)
 
     def node_certified(self, name: str) -> bool:
