@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from ..compiler.bound_function import BoundFunction
 from ..compiler.errors import InputError
+from ..compiler.margins import reset_pair_vectors
 from ..pipeline import compile as compile_bound
 
 __all__ = [
@@ -52,7 +53,7 @@ __all__ = [
 
 
 #: Default power-iteration steps per penalty call (see :class:`CurvaturePenalty`).
-REFRESH_STEPS = 5
+REFRESH_STEPS = 10
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,7 @@ class CurvaturePenalty:
         self.weight, self.target = float(weight), target
         self.dual_lr, self.weight_min = float(dual_lr), float(weight_min)
         self.margins, self.refresh_steps = bool(margins), int(refresh_steps)
+        self._pair_steps = self.refresh_steps
         self.value = float("nan")
         self._dtype = next((p.dtype for p in inner.parameters() if p.is_floating_point()),
                            torch.float32)
@@ -179,8 +181,10 @@ class CurvaturePenalty:
 
     def margin_curvatures(self) -> Tensor:
         """K×K differentiable matrix of M(f_i − f_j) (zero diagonal): pairwise where the output
-        layer folds the margin, else √2·M (theory §5)."""
-        mg = self.bound.margins(differentiable=True)
+        layer folds the margin, else √2·M (theory §5). The per-pair block norms are tracked by
+        warm-started power iteration (``refresh_steps`` steps per call, exact after
+        :meth:`converge`), see ``bf.margins(pair_steps=...)``."""
+        mg = self.bound.margins(differentiable=True, pair_steps=self._pair_steps)
         if mg.pairwise:
             return mg.curvature
         k = mg.classes
@@ -236,6 +240,7 @@ class CurvaturePenalty:
         """Converge every power iteration (``bf.refresh()``; keyword arguments go there) and
         return the converged penalised curvature (an estimate from below, not certified)."""
         self.bound.refresh(**kwargs)
+        reset_pair_vectors(self.bound)  # the next margin evaluation starts from exact vectors
         self.value = float(self.curvature())
         return self.value
 

@@ -21,7 +21,7 @@ from ..runtime.margins import _U, MarginFold, _Context, pair_index
 from .codegen import print_expr
 from .rounding import rounding_exponent, rounding_factor
 
-__all__ = ["Margins", "margins", "evaluate_expression"]
+__all__ = ["Margins", "margins", "evaluate_expression", "reset_pair_vectors"]
 
 
 @dataclass
@@ -82,7 +82,7 @@ def _fallback(bf, reason: str, k: int) -> Margins:
     return Margins(lip, curv, bool(b.certified), False, bf.method, note)
 
 
-def margins(bf, *, differentiable: bool = False) -> Margins:
+def margins(bf, *, differentiable: bool = False, pair_steps: int | None = None) -> Margins:
     """Pairwise Lipschitz and curvature bounds of every margin f_i − f_j of ``bf``'s model.
 
     Evaluates ``bf()`` once (the current power-iteration state; refresh first for converged
@@ -95,6 +95,9 @@ def margins(bf, *, differentiable: bool = False) -> Margins:
     ``margins=True``): the same quantities, with every power-iteration vector held fixed as in
     ``bf()``; the per-pair block norms are top eigenvalues λ_max(D_c·WWᵀ·D_c) from ``eigvalsh``,
     whose derivative is vᵀ(dS)v (v the top eigenvector; exact where λ_max is simple).
+    ``pair_steps=k`` (estimate mode) replaces those eigenvalue problems by warm-started per-pair
+    power iteration, k steps per call (cheaper; an estimate from below like every other
+    power-iteration norm; see :class:`~curvbound.runtime.margins.PairScaledRows`).
     """
     if differentiable and bf.norms == "certified":
         raise ValueError(
@@ -102,10 +105,18 @@ def margins(bf, *, differentiable: bool = False) -> Margins:
             "certified norms are not differentiable"
         )
     with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
-        return _margins(bf, differentiable)
+        return _margins(bf, differentiable, pair_steps)
 
 
-def _margins(bf, differentiable: bool) -> Margins:
+def reset_pair_vectors(bf) -> None:
+    """Restart the tracked per-pair vectors of ``margins(..., pair_steps=k)`` from exact ones."""
+    fold = getattr(bf, "_margin_fold", None)
+    for pq in (fold.fold.values() if fold is not None else ()):
+        if hasattr(pq, "reset"):
+            pq.reset()
+
+
+def _margins(bf, differentiable: bool, pair_steps: int | None = None) -> Margins:
     out_info = next(nb for nb in bf._node_info if nb.name == bf.output)
     fold: MarginFold | None = getattr(bf, "_margin_fold", None)
     k = _classes(bf)
@@ -115,7 +126,8 @@ def _margins(bf, differentiable: bool) -> Margins:
         return _fallback(bf, f"the output node '{bf.output}' is not a linear layer", k)
     bounds = bf()
     certified = bool(bounds.certified)
-    ctx = _Context(k, certified, grad=differentiable, device=bounds.curvature.device)
+    ctx = _Context(k, certified, grad=differentiable, device=bounds.curvature.device,
+                   pair_steps=pair_steps)
     values: dict[str, Any] = {}
     for name, q in bf.quantities.items():
         values[name] = ctx.keep(q())

@@ -70,11 +70,14 @@ class _Context:
     """Per-call cache: the rows of a map ending in G (opᵀe_k for every class k), by operator.
 
     ``grad``: keep the computation differentiable in the weights (estimate mode, for training);
-    ``device``: where the pair tensors live (the model's device)."""
+    ``device``: where the pair tensors live (the model's device); ``pair_steps``: None for exact
+    per-pair eigenvalues, else warm-started power iteration with that many steps per call (see
+    :class:`PairScaledRows`)."""
 
     def __init__(self, k: int, certified: bool, *, grad: bool = False,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, pair_steps: int | None = None):
         self.k, self.certified, self.grad, self.device = k, certified, grad, device
+        self.pair_steps = None if certified else pair_steps
         self.i, self.j = (t.to(device) for t in pair_index(k))
         self._rows: dict[int, Tensor] = {}
 
@@ -134,12 +137,42 @@ class PairScaledRows:
 
     p = 1: the scalar block's vectorised-Jacobian norm ‖Â_c‖ = ‖diag(c̃)W‖ (theory §3 (c) with
     G → cᵀG); p = ½: Singla & Feizi's ‖diag(√|c̃|)W‖² (theory §5), valid for scalar outputs only.
+
+    λ_max(S_c), S_c = D_c·WWᵀ·D_c, is computed by ``eigvalsh`` per pair, or, for training
+    (estimate mode, ``pair_steps`` set), as the Rayleigh quotient v_cᵀS_c v_c of a persistent,
+    warm-started unit vector per pair advanced by ``pair_steps`` power steps per call (batched
+    matrix products instead of an eigen-decomposition per pair). S_c is PSD, so that is an
+    estimate from below, like every power-iteration norm, and its gradient with v_c held fixed
+    is v_cᵀ(dS_c)v_c, the eigenvalue's derivative at convergence. Vectors start (and
+    :meth:`reset` restarts them) from the exact top eigenvectors.
     """
 
     def __init__(self, G: LinearOperator, W: LinearOperator, power: float, *,
                  whole: Any = None, w_norm: Any = None):
         self.G, self.W, self.power = G, W, float(power)
         self.whole, self.w_norm = whole, w_norm  # quantities ‖Â‖ and ‖W‖ for the cheap bound
+        self._vectors: dict[tuple[int, int], Tensor] = {}
+
+    def reset(self) -> None:
+        """Forget the tracked per-pair vectors (the next tracked call starts exactly)."""
+        self._vectors.clear()
+
+    def _tracked(self, ctx: _Context, sl: slice, d: Tensor, t: Tensor) -> Tensor:
+        key = (sl.start, sl.stop)
+        v = self._vectors.get(key)
+        if v is None or v.shape != d.shape or v.device != d.device:
+            with torch.no_grad():
+                s = d[:, :, None] * t * d[:, None, :]
+                v = torch.linalg.eigh(s.detach())[1][:, :, -1]
+        else:
+            with torch.no_grad():
+                dd, tt = d.detach(), t.detach()
+                for _ in range(ctx.pair_steps):
+                    w = dd * ((dd * v) @ tt)  # S_c v_c for every pair (T symmetric)
+                    n = w.norm(dim=1, keepdim=True)
+                    v = torch.where(n > 0, w / n.clamp_min(1e-300), v)
+        self._vectors[key] = v.detach()
+        return (v * d * ((d * v) @ t)).sum(dim=1)
 
     def pairs(self, ctx: _Context) -> Tensor:
         r = ctx.rows(self.G)  # (K, m): row k = Gᵀe_k (exact: G has one factor)
@@ -161,6 +194,9 @@ class PairScaledRows:
             d = c**self.power
             if ctx.certified:
                 d = d * (1 + 4 * _U)
+            if ctx.pair_steps is not None:
+                out[sl] = self._tracked(ctx, sl, d, t).clamp_min(0) ** (0.5 / self.power)
+                continue
             s = d[:, :, None] * t * d[:, None, :]
             lam = torch.linalg.eigvalsh(s)[:, -1].clamp_min(0)
             if ctx.certified:

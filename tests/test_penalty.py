@@ -141,6 +141,25 @@ def test_margins_penalty_is_below_sqrt2_times_the_bound():
     assert 0 < mg <= math.sqrt(2) * full * (1 + 1e-9)
 
 
+def test_margins_penalty_tracks_the_exact_pair_eigenvalues():
+    net = _mlp(d=6, w=10, k=4, depth=4, dtype=torch.float64)
+    pen = curvbound.CurvaturePenalty(net, torch.zeros(1, 6, dtype=torch.float64), margins=True)
+    pen.converge()
+    off = ~torch.eye(4, dtype=torch.bool)
+    exact = pen.bound.margins().curvature[off]  # one eigvalsh per pair
+    assert torch.allclose(pen.margin_curvatures().detach()[off], exact, rtol=1e-9)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    for _ in range(10):  # the tracked per-pair vectors follow the weights
+        pen()
+    with torch.no_grad():
+        tracked = pen.margin_curvatures()[off]
+        exact = pen.bound.margins().curvature[off]  # same norm vectors, exact pair blocks
+    assert (tracked <= exact * (1 + 1e-9)).all()  # Rayleigh quotients: from below
+    assert (tracked >= 0.98 * exact).all()
+
+
 def test_bound_target_dual_update():
     net = _mlp(d=4, w=8, k=3, depth=3)
     pen = curvbound.CurvaturePenalty(net, torch.zeros(1, 4), weight=0.5, target=0.0,
