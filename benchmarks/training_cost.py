@@ -122,7 +122,8 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} thread",
         "model": "MNIST 6F (784-100x5-10, tanh)", "data": source, "batch": args.batch,
-        "default_refresh_steps": REFRESH_STEPS, "rounds": rounds, "cost": cost(x, y, rounds, args.batch),
+        "default_refresh_steps": REFRESH_STEPS, "rounds": rounds,
+        "cost": cost(x, y, rounds, args.batch),
         "tracking": {str(r): tracking(x, y, steps, args.batch, r) for r in (1, 5, 10)},
     }
     print(f"{result['model']}, batch {args.batch}, {source} data, median of {rounds} rounds")
