@@ -17,7 +17,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: setup
-	$(BIN)/python examples/demo.py
+	$(PIP) -e ".[dev,demo]"
+	$(BIN)/python -m curvbound demo
 
 test: setup
 	$(BIN)/python -m pytest -q tests
