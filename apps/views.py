@@ -15,13 +15,13 @@ Example:
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
     >>> bf = curvbound.compile(net, torch.zeros(1, 2), norms="certified")
     >>> print(views.table(bf, footer=False))
-    node        rule              L      M       share   cert
-    ----------  ----------------  -----  ------  ------  ----
-    input       input             1      0       -       yes
-    0 (Linear)  linear.linear     1.21   0       -       yes
-    1 (Tanh)    activations.tanh  1.21   0.4093  100.0%  yes
-    2 (Linear)  linear.linear     1.083  0.3664  -       yes
-    output _2: L = 1.08304, M = 0.366403 [compositional, certified]
+    node           rule              L       M       share     cert
+    -------------  ----------------  ------  ------  --------  ----
+    input (input)  input             1       0       -         yes
+    0 (Linear)     linear.linear     1.261   0       -         yes
+    1 (Tanh)       activations.tanh  1.261   0.7221  subsumed  yes
+    2 (Linear)     linear.linear     0.6505  0.2804  100.0%    yes
+    output _2: L = 0.650512, M = 0.280445 [compositional, certified]
     >>> print(views.to_dot(bf).splitlines()[0])
     digraph "curvbound_Sequential" {
 """
@@ -32,7 +32,6 @@ import math
 import shutil
 from pathlib import Path
 
-from ..compiler import report
 from ..compiler.report import explain, rows, table, table_html, to_dot
 
 __all__ = [
@@ -131,6 +130,3 @@ def plot_contributions(bf, path: str | Path | None = None, *, ax=None, top: int 
 def _num(v: float) -> float:
     return 0.0 if math.isnan(v) else v
 
-
-# the one-line statement of each rule, for the op catalogue (docs/ops.md)
-rule_targets = report.rule_targets

@@ -13,9 +13,11 @@ inputs' curvatures, so the output's bound splits as M_out = Σ_k (∂M_out/∂M_
 reshapes create no curvature of their own (I_k = 0): they only carry their inputs' curvature on,
 so their share is 0 even where their M, the bound of the whole sub-network from the input up to
 that node, is the largest of the table. The table shows "-" for them. A node that does create
-curvature can still have share 0 when no later bound depends on its M: a LipLT segment or a
-merged linear chain bounds a whole stretch of layers from the segment's start at once, so the
-activations inside it are *subsumed* by the segment's last node (the table says "subsumed").
+curvature can still have share 0 when the output's bound does not depend on its M (∂M_out/∂M_k =
+0): a LipLT segment or a merged linear chain bounds a whole stretch of layers from the segment's
+start at once and, where a rule takes the minimum of such a bound and the layer-by-layer one, the
+segment's bound was the smaller; the activations inside it are then *subsumed* by the segment's
+last node (the table says "subsumed").
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 import sympy
 from torch import fx
 
-from .registry import DEFAULT_REGISTRY, Registry, rule_name, target_name
+from .registry import DEFAULT_REGISTRY, Registry, rule_name
 
 __all__ = ["NodeRow", "contributions", "rows", "table", "table_html", "to_dot", "explain",
            "SORT_KEYS", "FOOTER"]
@@ -42,8 +44,9 @@ FOOTER = (
     "   / M_out, where own is the node's curvature with its inputs' curvatures set to 0; the\n"
     "   shares sum to 100%. '-': the node creates no curvature (linear maps, sums, reshapes only\n"
     "   pass their inputs' curvature on, so a large M there comes from upstream). 'subsumed':\n"
-    "   the node's own M does not enter the output's bound, because a later rule bounds a whole\n"
-    "   segment containing it at once (a LipLT segment or merged chain; see bf.explain(node)).\n"
+    "   the output's bound does not depend on the node's M: a later rule bounds a stretch of\n"
+    "   layers containing it at once (LipLT segment, merged chain) and that bound was the\n"
+    "   smaller of its alternatives (see bf.explain(node) of the later nodes).\n"
     "cert: 'yes' when every number behind the node's bounds is guaranteed, 'est' when some are\n"
     "   power-iteration estimates (from below) or unproven."
 )
@@ -241,16 +244,6 @@ def rule_statement(rule: str, registry: Registry = DEFAULT_REGISTRY) -> str:
             if rule_name(fn) == rule:
                 return _first_paragraph(fn.__doc__)
     return ""
-
-
-def rule_targets(registry: Registry = DEFAULT_REGISTRY) -> dict[str, tuple[list[str], str]]:
-    """``{rule name: (sorted target names, statement)}`` over every rule of ``registry``."""
-    out: dict[str, tuple[list[str], str]] = {}
-    for key in registry.keys():
-        for fn in registry.candidates(key):
-            entry = out.setdefault(rule_name(fn), ([], _first_paragraph(fn.__doc__)))
-            entry[0].append(target_name(key))
-    return {k: (sorted(set(t)), s) for k, (t, s) in sorted(out.items())}
 
 
 def _first_paragraph(doc: str | None) -> str:
