@@ -23,14 +23,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import zoo
 from ..compiler import errors
-from ..compiler.compile import compile as compile_bound
 from ..compiler.report import rows
-from ..runtime.certificates import Certificate, Certifier
-from ..runtime.data import load_cifar10, load_mnist
+from ..pipeline import compile as compile_bound
 from . import demo as demo_app
-from . import views
+from . import views, zoo
+from .certificates import Certificate, Certifier
+from .data import load_cifar10, load_mnist
 
 try:  # written by the experiments issue (15); the command says so while it is absent
     from . import experiments as _experiments

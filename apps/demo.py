@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..compiler.compile import compile as compile_bound
-from ..runtime.certificates import Certificate, Certifier
-from ..runtime.data import load_mnist
-from ..runtime.training import CurvatureRegularizer
+from ..pipeline import compile as compile_bound
+from .certificates import Certificate, Certifier
+from .data import load_mnist
+from .training import CurvatureRegularizer
 from .views import _matplotlib, plot_contributions
 
 __all__ = ["DemoConfig", "DemoResult", "CONFIGS", "load_digits", "run_demo", "curvature_penalty"]
@@ -117,7 +117,7 @@ def build_model(widths: tuple[int, ...], seed: int = 0) -> nn.Sequential:
 
 class _Penalty:
     """λ·M with the interface of the training API of issue 11 (``pen()``, ``pen.step()``,
-    ``pen.converge()``), on top of :class:`~curvbound.runtime.training.CurvatureRegularizer`."""
+    ``pen.converge()``), on top of :class:`~curvbound.apps.training.CurvatureRegularizer`."""
 
     def __init__(self, model: nn.Module, example: Tensor, *, weight: float, target: float):
         self.bound = compile_bound(model.eval(), example[:1])

@@ -15,12 +15,12 @@ Example:
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
     >>> bf = curvbound.compile(net, torch.zeros(1, 2), norms="certified")
     >>> print(views.table(bf, footer=False))
-    node           rule              L       M       share     cert
-    -------------  ----------------  ------  ------  --------  ----
-    input (input)  input             1       0       -         yes
-    0 (Linear)     linear.linear     1.261   0       -         yes
-    1 (Tanh)       activations.tanh  1.261   0.7221  subsumed  yes
-    2 (Linear)     linear.linear     0.6505  0.2804  100.0%    yes
+    node        rule              L       M       share     cert
+    ----------  ----------------  ------  ------  --------  ----
+    input       input             1       0       -         yes
+    0 (Linear)  linear.linear     1.261   0       -         yes
+    1 (Tanh)    activations.tanh  1.261   0.7221  subsumed  yes
+    2 (Linear)  linear.linear     0.6505  0.2804  100.0%    yes
     output _2: L = 0.650512, M = 0.280445 [compositional, certified]
     >>> print(views.to_dot(bf).splitlines()[0])
     digraph "curvbound_Sequential" {

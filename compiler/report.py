@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import sympy
 from torch import fx
 
+from .naming import node_label
 from .registry import DEFAULT_REGISTRY, Registry, rule_name
 
 __all__ = ["NodeRow", "contributions", "rows", "table", "table_html", "to_dot", "explain",
@@ -56,8 +57,8 @@ FOOTER = (
 class NodeRow:
     """One node of a compiled bound, as the views show it.
 
-    ``label``: module path and type (``"layer1.0.conv1 (Conv2d)"``); ``lipschitz``/``curvature``:
-    the bounds of the map input → node; ``own``: the curvature the node creates (I_k above);
+    ``label``: module path and type (``"layer1.0.conv1 (Conv2d)"``, ``"add() in layer1"``);
+    ``lipschitz``/``curvature``: the bounds of the map input → node; ``own``: the curvature the node creates (I_k above);
     ``share``: its part of the output's curvature bound (nan when that bound is 0 or infinite).
     """
 
@@ -75,24 +76,10 @@ class NodeRow:
     note: str
 
 
-def node_label(bf, name: str) -> str:
-    """Module path and type of node ``name``: ``fc1 (Linear)``, ``tanh()``, ``layer1.add (add)``."""
+def label(bf, name: str) -> str:
+    """Module path and type of node ``name`` (:func:`curvbound.compiler.naming.node_label`)."""
     node = _fx_nodes(bf).get(name)
-    if node is None:
-        return name
-    if node.op == "call_module":
-        return f"{node.target} ({type(bf.gm.get_submodule(node.target)).__name__})"
-    if node.op == "placeholder":
-        return f"{node.target} (input)"
-    stack = node.meta.get("nn_module_stack") or {}
-    path = next(reversed(stack.values()))[0] if stack else ""
-    if node.op == "call_method":
-        what = f".{node.target}()"
-    elif node.op == "call_function":
-        what = f"{getattr(node.target, '__name__', str(node.target))}()"
-    else:
-        what = node.op
-    return f"{path}: {what}" if path else (what if name in what else f"{name}: {what}")
+    return name if node is None else node_label(node, bf.gm)
 
 
 def _fx_nodes(bf) -> dict[str, fx.Node]:
@@ -141,7 +128,7 @@ def rows(bf, sort: str = "graph") -> list[NodeRow]:
         L, M = last.nodes.get(nb.name, (0.0, 0.0))
         own, share = contrib.get(nb.name, (math.nan, math.nan))
         note = " ".join(x for x in (nb.note, bf._cert_notes.get(nb.name, "")) if x)
-        out.append(NodeRow(nb.name, node_label(bf, nb.name), nb.op, nb.rule, float(L), float(M),
+        out.append(NodeRow(nb.name, label(bf, nb.name), nb.op, nb.rule, float(L), float(M),
                            own, share, bf.node_certified(nb.name), nb.nonsmooth, nb.constant,
                            note))
     key = {"share": lambda r: r.share, "M": lambda r: r.curvature, "L": lambda r: r.lipschitz}
@@ -262,7 +249,7 @@ def find_node(bf, node: str) -> str:
         fxn = _fx_nodes(bf).get(nb.name)
         if fxn is not None and fxn.op == "call_module" and fxn.target == node:
             return nb.name
-        if node_label(bf, nb.name) == node:
+        if label(bf, nb.name) == node:
             return nb.name
     raise KeyError(f"no node {node!r} in this bound; nodes: {', '.join(names)}")
 
@@ -277,7 +264,7 @@ def explain(bf, node: str) -> str:
     row = next((r for r in rows(bf) if r.name == name), None)
     vals = bf.quantity_values()
     last = bf._latest()
-    lines = [f"node {name}: {node_label(bf, name)}", f"rule: {nb.rule}"]
+    lines = [f"node {name}: {label(bf, name)}", f"rule: {nb.rule}"]
     statement = rule_statement(nb.rule)
     if statement:
         lines.append(f"statement: {statement}")
