@@ -16,9 +16,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) -e ".[dev]"
 	touch $@
 
-demo: setup
-	$(PIP) -e ".[dev,demo]"
+# the demo also needs the `demo` extra (scikit-learn's bundled digits, matplotlib, tqdm)
+demo: $(VENV)/.demo
 	$(BIN)/python -m curvbound demo
+
+$(VENV)/.demo: $(VENV)/.installed
+	$(PIP) -e ".[dev,demo]"
+	touch $@
 
 test: setup
 	$(BIN)/python -m pytest -q tests

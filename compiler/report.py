@@ -176,7 +176,7 @@ def table(bf, sort: str = "graph", footer: bool = True) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append(summary(bf))
     if footer:
-        lines += ["", FOOTER]
+        lines.append(FOOTER)
     return "\n".join(lines)
 
 

@@ -331,6 +331,8 @@ def test_cli_doc_examples_run(command, tmp_path, capsys):
     argv = command.split()
     if "mnist" in argv or "cifar10" in argv:
         pytest.skip("needs the datasets")
+    if argv[0] == "demo" or "digits" in argv:
+        pytest.importorskip("sklearn")  # the `demo` extra
     if argv[0] == "demo":
         argv += ["--epochs", "1", "--quiet", "--out", str(tmp_path)]
     argv = [a.replace("examples/", f"{ROOT}/examples/") for a in argv]
