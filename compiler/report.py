@@ -58,8 +58,9 @@ class NodeRow:
     """One node of a compiled bound, as the views show it.
 
     ``label``: module path and type (``"layer1.0.conv1 (Conv2d)"``, ``"add() in layer1"``);
-    ``lipschitz``/``curvature``: the bounds of the map input → node; ``own``: the curvature the node creates (I_k above);
-    ``share``: its part of the output's curvature bound (nan when that bound is 0 or infinite).
+    ``lipschitz``/``curvature``: the bounds of the map input → node; ``own``: the curvature the
+    node creates (I_k above); ``share``: its part of the output's curvature bound (nan when that
+    bound is 0 or infinite).
     """
 
     name: str
