@@ -221,7 +221,7 @@ def cmd_certify(args) -> int:
     if args.local:
         certifiers["local"] = Certifier(model, x[:1], bound_fn=bf, local=True)
     parts: dict[str, list[Certificate]] = {k: [] for k in certifiers}
-    bar = demo_app._bar(total=len(x), desc="certify", disable=args.quiet)
+    bar = demo_app.progress_bar(total=len(x), desc="certify", disable=args.quiet)
     for start in range(0, len(x), args.batch_size):
         xb, yb = x[start:start + args.batch_size], y[start:start + args.batch_size]
         for k, c in certifiers.items():

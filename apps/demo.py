@@ -151,7 +151,7 @@ def train(model: nn.Module, x: Tensor, y: Tensor, cfg: DemoConfig, *, seed: int 
     pen = curvature_penalty(model, x, weight=cfg.weight, target=cfg.target)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     shuffle = torch.Generator().manual_seed(seed)
-    bar = _bar(total=cfg.epochs, desc="train", disable=not progress)
+    bar = progress_bar(total=cfg.epochs, desc="train", disable=not progress)
     model.train()
     for _ in range(cfg.epochs):
         order = torch.randperm(len(x), generator=shuffle)
@@ -168,7 +168,7 @@ def train(model: nn.Module, x: Tensor, y: Tensor, cfg: DemoConfig, *, seed: int 
     return model.eval()
 
 
-def _bar(total: int, desc: str, disable: bool):
+def progress_bar(total: int, desc: str, disable: bool):
     try:
         from tqdm import tqdm
     except ImportError:  # progress bars are optional
@@ -194,7 +194,7 @@ def certify_split(bf, x: Tensor, y: Tensor, *, batch_size: int = 500,
     glob = Certifier(bf.model, x[:1], bound_fn=bf, local=False)
     local = Certifier(bf.model, x[:1], bound_fn=bf, local=True)
     parts_g, parts_l = [], []
-    bar = _bar(total=len(x), desc="certify", disable=not progress)
+    bar = progress_bar(total=len(x), desc="certify", disable=not progress)
     for start in range(0, len(x), batch_size):
         xb, yb = x[start:start + batch_size], y[start:start + batch_size]
         parts_g.append(glob(xb, yb))
