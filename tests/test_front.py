@@ -20,6 +20,7 @@ from torch import nn
 import curvbound
 from curvbound import views, zoo
 from curvbound.apps import catalogue, cli
+from curvbound.apps.data import has_dataset
 from curvbound.compiler import report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -329,8 +330,9 @@ def test_cli_doc_examples_run(command, tmp_path, capsys):
     command, _, comment = command.partition("#")
     expected = re.match(r"\s*exit code (\d+)", comment)
     argv = command.split()
-    if "mnist" in argv or "cifar10" in argv:
-        pytest.skip("needs the datasets")
+    for name in ("mnist", "cifar10"):
+        if name in argv and not has_dataset(name):
+            pytest.skip(f"needs the {name} file (see shared/data/README.md)")
     if argv[0] == "demo" or "digits" in argv:
         pytest.importorskip("sklearn")  # the `demo` extra
     if argv[0] == "demo":
