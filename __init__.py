@@ -45,6 +45,8 @@ See ``docs/index.md`` to start, ``docs/theory.md`` for why each rule is sound an
 ``docs/writing_rules.md`` to cover your own layers.
 '''
 
+from . import nn as nn  # curvbound.nn: SLL layers, heads, smooth() (registers their rules)
+from .apps.nn import CenteredSoftplus
 from .compiler import errors as errors
 from .compiler.compile import compile
 from .compiler.context import RuleContext, Transfer
@@ -64,7 +66,6 @@ from .runtime import operators
 from .runtime.anchored import AnchoredBounds, anchored_bounds
 from .runtime.bound_function import BoundFunction, Bounds
 from .runtime.certificates import AdversarialExamples, Certificate, certify, certify_dataset
-from .runtime.layers import CenteredSoftplus
 
 __all__ = [
     "compile",

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from curvbound.runtime.layers import CenteredSoftplus
+from curvbound.nn import CenteredSoftplus
 
 __all__ = [
     "ACTIVATIONS",

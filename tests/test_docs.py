@@ -20,7 +20,7 @@ DOCTEST_MODULES = [
     "curvbound.compiler.registry",
     "curvbound.passes.rules.base",
     "curvbound.runtime.norms",
-    "curvbound.runtime.layers",
+    "curvbound.apps.nn",
     "curvbound.runtime.training",
 ]
 
