@@ -193,7 +193,7 @@ class _SLL(tnn.Module):
     """Common part of the SLL layers: h(z) = z − Wᵀ diag(s) σ(Wz + b) with s = 2/t.
 
     t_i = (1 + δ)·Σ_j |(WWᵀ)_ij|·q_j/q_i (for convolutions, WWᵀ is replaced by the kernel
-    auto-correlation summed over offsets). The factor 1 + δ, δ = 2(terms)·ε of the layer's dtype
+    auto-correlation summed over offsets). The factor 1 + δ, δ = 4(terms)·ε of the layer's dtype
     (≈ 1e-5 in float32), makes T larger than the rounding of its own computation, so that the
     certificate L ≤ 1 survives float rounding; any T ≽ WWᵀ keeps the layer 1-Lipschitz.
     """
@@ -213,7 +213,7 @@ class _SLL(tnn.Module):
         q = _q(self.log_q)
         t = (g @ q) / q
         eps = torch.finfo(t.dtype).eps
-        return _safe_scale(t * (1.0 + 2.0 * self._terms() * eps))
+        return _safe_scale(t * (1.0 + 4.0 * self._terms() * eps))
 
     def smoothness(self) -> S.Smoothness:
         return _smoothness(self.activation)
