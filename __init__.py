@@ -46,9 +46,12 @@ See ``docs/index.md`` to start, ``docs/theory.md`` for why each rule is sound an
 '''
 
 from . import nn as nn  # curvbound.nn: SLL layers, heads, smooth() (registers their rules)
+from . import zoo
+from .apps.anchored import AnchoredBounds, anchored_bounds
+from .apps.certificates import AdversarialExamples, Certificate, certify, certify_dataset
 from .apps.nn import CenteredSoftplus
 from .compiler import errors as errors
-from .compiler.compile import compile
+from .compiler.bound_function import BoundFunction, Bounds
 from .compiler.context import RuleContext, Transfer
 from .compiler.errors import (
     CurvboundError,
@@ -62,13 +65,12 @@ from .compiler.errors import (
 )
 from .compiler.registry import DEFAULT_REGISTRY, Registry, rule
 from .passes import rules
+from .pipeline import compile
 from .runtime import operators
-from .runtime.anchored import AnchoredBounds, anchored_bounds
-from .runtime.bound_function import BoundFunction, Bounds
-from .runtime.certificates import AdversarialExamples, Certificate, certify, certify_dataset
 
 __all__ = [
     "compile",
+    "zoo",
     "rule",
     "activation",
     "rules",

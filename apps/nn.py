@@ -50,8 +50,8 @@ from ..compiler.context import RuleContext, Transfer
 from ..compiler.errors import InputError
 from ..compiler.registry import DEFAULT_REGISTRY, rule
 from ..compiler.trace import trace
-from ..passes.rules import smoothness as S
 from ..passes.rules.base import elementwise_transfer, number
+from ..runtime import smoothness as S
 from ..runtime.certified import certify
 from ..runtime.norms import Quantity
 from ..runtime.operators import Conv, Dense, FunctionOperator, precise

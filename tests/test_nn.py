@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import curvbound
+from curvbound.apps.empirical import curvature_lower_bound, lipschitz_lower_bound
 from curvbound.compiler.errors import InputError
 from curvbound.nn import (
     LeakySoftplus,
@@ -24,7 +25,6 @@ from curvbound.nn import (
     sll_3c1f,
     smooth,
 )
-from curvbound.runtime.empirical import curvature_lower_bound, lipschitz_lower_bound
 
 
 def _randomize(layer: nn.Module, seed: int, gain: float = 1.0) -> nn.Module:
