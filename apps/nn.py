@@ -52,7 +52,7 @@ from ..compiler.registry import DEFAULT_REGISTRY, rule
 from ..compiler.trace import trace
 from ..passes.rules.base import elementwise_transfer, number
 from ..runtime import smoothness as S
-from ..runtime.certified import certify
+from ..runtime.certified import certify, dense_norm
 from ..runtime.norms import Quantity
 from ..runtime.operators import Conv, Dense, FunctionOperator, precise
 from ..runtime.products import HADAMARD_HIDDEN_LIMIT, HadamardNorm
@@ -70,6 +70,7 @@ __all__ = [
     "smooth",
     "Replacement",
     "SLLLipschitz",
+    "SLLConvHadamard",
 ]
 
 _U = 2.0**-53  # float64 unit roundoff
@@ -400,6 +401,43 @@ class SLLLipschitz(Quantity):
         return f"{self.label}, mode={self.mode}"
 
 
+class SLLConvHadamard(Quantity):
+    """√λ_max(P) with P_ij = s_i s_j Σ_δ (K ⋆ K)_ij(δ)²: a bound on ‖Â‖ of an SLLConv2d (see
+    :func:`sll_rule`, curvature (iii)). Estimate mode: a differentiable eigenvalue of P in the
+    layer's dtype; certified mode: float64 with explicit bounds on every rounding of P, then
+    λ_max(P) ≤ ‖P̂‖₂ + ‖P − P̂‖_F.
+    """
+
+    def __init__(self, layer: SLLConv2d, mode: str, label: str = ""):
+        super().__init__()
+        object.__setattr__(self, "_layer", layer)
+        self.mode, self.certified, self.label = mode, mode == "certified", label
+
+    def forward(self) -> Tensor:
+        layer = self._layer
+        if not self.certified:
+            s = layer.scale()
+            p = s[:, None] * s[None, :] * (layer.correlation() ** 2).sum(dim=(2, 3))
+            return torch.linalg.eigvalsh(p)[-1].clamp_min(0).sqrt()
+        with torch.no_grad():
+            s = layer.scale().detach().double()
+            w = layer.weight.detach().double()
+            c = layer.correlation(w)
+            n = layer.channels * layer.kernel_size**2
+            e = _gamma(n + 2) * layer.correlation(w.abs())  # |ĉ − c| ≤ e
+            sq = (c * c).sum(dim=(2, 3))
+            terms = (2 * layer.kernel_size - 1) ** 2
+            err_sq = (e * (2 * c.abs() + e)).sum(dim=(2, 3)) + _gamma(terms + 2) * sq
+            ss = s[:, None] * s[None, :]
+            p = ss * sq
+            err = (ss * err_sq) * (1 + 4 * _U) + 4 * _U * p.abs()
+            lam = dense_norm(p) + torch.linalg.matrix_norm(err)
+            return certify(torch.sqrt(lam) * (1 + 4 * _U))
+
+    def extra_repr(self) -> str:
+        return f"{self.label}, mode={self.mode}"
+
+
 def _curvature_weight(layer: SLLLinear) -> Callable[[], Tensor]:
     """diag(√(r ∘ s̃))·W with r_j = ‖w_j‖ (rounded up by 1 + 16u inside exact arithmetic)."""
 
@@ -478,6 +516,14 @@ def sll_rule(node: fx.Node, ctx: RuleContext) -> Transfer:
         snorm, q = ctx.norm(op, "snorm")
         quantities[snorm] = q
         own: sympy.Expr = snorm**2
+        if ctx.method != "naive":
+            wop = Conv(lambda: m.weight, shape, inner, stride=1, padding=m.padding, dilation=1,
+                       groups=1, label=str(node.target))
+            norm_sym, nq = ctx.norm(wop, "norm")
+            had = ctx.symbol("hadamard")
+            quantities[norm_sym] = nq
+            quantities[had] = SLLConvHadamard(m, ctx.norms, label=f"Â[{node.target}]")
+            own = sympy.Min(norm_sym * had, own, evaluate=False)
     else:
         n, k = m.features, m.inner_features
         op = Dense(_curvature_weight(m), (n,), (k,), f"diag(√(r·s)){node.target}")

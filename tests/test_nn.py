@@ -144,6 +144,34 @@ def test_sll_conv_t_is_the_kernel_autocorrelation():
     assert torch.allclose(2 / s, t, rtol=1e-9)
 
 
+def test_sll_conv_hadamard_quantity_is_the_torus_block_norm():
+    """‖Â_C‖ of the circular convolution on a torus where no offset wraps (N ≥ 2k − 1), from
+    its materialised matrix, equals √λ_max(P); and for the zero-padded layer
+    ‖Wᵀdiag(s∘Δ)W‖ ≤ ‖Â_C‖·‖Δ‖ at random Δ (the step of the proof that uses the torus)."""
+    layer = _randomize(SLLConv2d(2, inner_channels=3), seed=7).double()
+    N, c_in = 7, 2
+    with torch.no_grad():
+        s = layer.scale()
+        eye = torch.eye(c_in * N * N, dtype=torch.float64).reshape(-1, c_in, N, N)
+        C = F.conv2d(F.pad(eye, (1, 1, 1, 1), mode="circular"), layer.weight)
+        C = C.reshape(c_in * N * N, -1).T  # (3·N·N, 2·N·N)
+        sv = s.repeat_interleave(N * N)
+        S_C = sv[:, None] * (C @ C.T) ** 2 * sv[None, :]
+        torus = float(torch.linalg.eigvalsh(S_C)[-1]) ** 0.5
+        for mode in ("estimate", "certified"):
+            q = float(curvbound.nn.SLLConvHadamard(layer, mode)())
+            assert q == pytest.approx(torus, rel=1e-8) and (mode == "estimate" or q >= torus)
+        n = 5
+        eye = torch.eye(c_in * n * n, dtype=torch.float64).reshape(-1, c_in, n, n)
+        W = F.conv2d(eye, layer.weight, padding=1).reshape(c_in * n * n, -1).T
+        g = torch.Generator().manual_seed(0)
+        for _ in range(20):
+            delta = torch.randn(W.shape[0], generator=g, dtype=torch.float64)
+            v = s.repeat_interleave(n * n) * delta
+            lhs = torch.linalg.matrix_norm(W.T @ (v[:, None] * W), 2)
+            assert float(lhs) <= torus * float(delta.norm()) * (1 + 1e-12)
+
+
 def test_sll_gradient_flows_to_weights_and_q():
     layer = _randomize(SLLLinear(4), seed=6)
     bf = curvbound.compile(nn.Sequential(layer).eval(), torch.zeros(1, 4))
