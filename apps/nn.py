@@ -194,9 +194,11 @@ class _SLL(tnn.Module):
     """Common part of the SLL layers: h(z) = z − Wᵀ diag(s) σ(Wz + b) with s = 2/t.
 
     t_i = (1 + δ)·Σ_j |(WWᵀ)_ij|·q_j/q_i (for convolutions, WWᵀ is replaced by the kernel
-    auto-correlation summed over offsets). The factor 1 + δ, δ = 4(terms)·ε of the layer's dtype
-    (≈ 1e-5 in float32), makes T larger than the rounding of its own computation, so that the
-    certificate L ≤ 1 survives float rounding; any T ≽ WWᵀ keeps the layer 1-Lipschitz.
+    auto-correlation summed over offsets). The factor 1 + δ, δ = min(4·terms·ε, 10⁻³) with ε of
+    the layer's dtype (≈ 1e-5 for a float32 layer of 12 features), makes T larger than the rounding
+    of its own computation, so that the certificate L ≤ 1 survives float rounding; any T ≽ WWᵀ
+    keeps the layer 1-Lipschitz. (In half precision the cap can leave c slightly above 1: the
+    certificate then reports √(1 + 4c(c − 1)), see :class:`SLLLipschitz`.)
     """
 
     log_q: Tensor
@@ -214,7 +216,7 @@ class _SLL(tnn.Module):
         q = _q(self.log_q)
         t = (g @ q) / q
         eps = torch.finfo(t.dtype).eps
-        return _safe_scale(t * (1.0 + 4.0 * self._terms() * eps))
+        return _safe_scale(t * (1.0 + min(4.0 * self._terms() * eps, 1e-3)))
 
     def smoothness(self) -> S.Smoothness:
         return _smoothness(self.activation)
@@ -760,7 +762,7 @@ def _replacement(path: str, m: tnn.Module, activation: str, beta: float) -> tnn.
     return None
 
 
-_FUNCTIONAL_RELU = {F.relu, torch.relu, "relu", "relu_"}
+_FUNCTIONAL_RELU = {F.relu, torch.relu, "relu"}
 _FUNCTIONAL = _FUNCTIONAL_RELU | {F.leaky_relu, F.relu6, F.hardtanh, F.elu, F.max_pool1d,
                                   F.max_pool2d, torch.max_pool1d, torch.max_pool2d}
 
@@ -861,7 +863,7 @@ def _smooth_functional(model: tnn.Module, activation: str, beta: float,
     for node in list(gm.graph.nodes):
         if node.op not in ("call_function", "call_method") or node.target not in _FUNCTIONAL:
             continue
-        if node.op == "call_method" and node.target not in ("relu", "relu_"):
+        if node.op == "call_method" and node.target != "relu":
             continue
         new = _functional_module(node, activation, beta)
         if new is None:
