@@ -229,6 +229,8 @@ class SLLLinear(_SLL):
     t_i = Σ_j |(WWᵀ)_ij| q_j/q_i with q = exp(log_q) learnable. ``activation``: "tanh",
     "softplus" or "centered_softplus" (``beta`` for the softplus ones), all with slopes in [0, 1],
     which makes h 1-Lipschitz (see :func:`sll_rule` for the proof and the curvature bound).
+    Compile it inside a container (``nn.Sequential(layer)``): a root module is traced into, not
+    matched against its rule.
 
     Example:
         >>> _ = torch.manual_seed(0)
