@@ -443,14 +443,16 @@ class SLLConvHadamard(Quantity):
 
 
 def _curvature_weight(layer: SLLLinear) -> Callable[[], Tensor]:
-    """diag(√(r ∘ s̃))·W with r_j = ‖w_j‖ (rounded up by 1 + 16u inside exact arithmetic)."""
+    """diag(√(r ∘ s̃))·W with r_j = ‖w_j‖. Inside exact arithmetic the factors are rounded up by
+    1 + 2(n + 16)u, more than the float64 rounding of the norm of n entries, a product and two
+    square roots (‖diag(f)W‖ grows with every |f_j|, so a larger factor keeps the bound)."""
 
     def weight() -> Tensor:
         w = precise(layer.weight)
         s = precise(layer.scale()).to(w.dtype)
         f = torch.sqrt(w.norm(dim=1) * s)
         if _exact():
-            f = f * (1 + 16 * _U)
+            f = f * (1 + 2 * (w.shape[1] + 16) * _U)
         return f.reshape(-1, 1) * w
 
     return weight
@@ -458,14 +460,14 @@ def _curvature_weight(layer: SLLLinear) -> Callable[[], Tensor]:
 
 def _curvature_kernel(layer: SLLConv2d) -> Callable[[], Tensor]:
     """K with output channel i scaled by √(‖K_i‖·s̃_i) (‖K_i‖ ≥ the norm of every row of channel
-    i of the convolution matrix)."""
+    i of the convolution matrix), rounded up as in :func:`_curvature_weight`."""
 
     def kernel() -> Tensor:
         k = precise(layer.weight)
         s = precise(layer.scale()).to(k.dtype)
         f = torch.sqrt(k.flatten(1).norm(dim=1) * s)
         if _exact():
-            f = f * (1 + 16 * _U)
+            f = f * (1 + 2 * (k[0].numel() + 16) * _U)
         return f.reshape(-1, 1, 1, 1) * k
 
     return kernel
