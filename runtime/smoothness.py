@@ -47,13 +47,12 @@ import torch.nn.functional as F
 from mpmath import iv
 from torch import Tensor
 
-from .layers import smooth_softplus
-
 __all__ = [
     "Smoothness",
     "tanh",
     "sigmoid",
     "softplus",
+    "smooth_softplus",
     "centered_softplus",
     "MAX_SLOPE_JUMP",
     "silu",
@@ -189,6 +188,29 @@ def _sigmoid_d2(z: Tensor) -> Tensor:
     return -torch.sigmoid(z) * torch.sigmoid(-z) * torch.tanh(z / 2)  # 1 − 2s(z) = −tanh(z/2)
 
 
+def smooth_softplus(x: Tensor, beta: float = 1.0) -> Tensor:
+    """log(1 + e^{βx})/β without torch's threshold: one smooth function on the whole line.
+
+    ``torch.nn.functional.softplus(x, beta, threshold)`` returns x itself once βx > threshold, so
+    it jumps by log(1 + e^{−threshold})/β there. This form never switches: with a = βx it
+    computes a + log1p(e^{−a}) for a > 0 and log1p(e^{a}) for a ≤ 0 (both accurate to a few ulps;
+    the clamps keep the branch that is not taken finite, so autograd gives σ'(0) = 1/2 exactly).
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> x = torch.tensor([20.5], dtype=torch.float64)
+        >>> float(smooth_softplus(x) - F.softplus(x)) > 1e-9  # torch returns x above 20
+        True
+        >>> torch.allclose(smooth_softplus(torch.tensor([-3.0, 0.0, 3.0]), 2.0),
+        ...                F.softplus(torch.tensor([-3.0, 0.0, 3.0]), 2.0))
+        True
+    """
+    a = x * beta
+    pos = a.clamp(min=0)
+    neg = a.clamp(max=0)
+    return (pos + (-pos).exp().log1p()).where(a > 0, neg.exp().log1p()) / beta
+
+
 #: Largest jump of σ' that a switching implementation may have: beyond it (softplus with
 #: threshold < ln 99 ≈ 4.6) torch's function is not "the smooth σ plus a small error" any more, and
 #: the rules refuse it (:class:`~curvbound.compiler.errors.DiscontinuityError`).
@@ -207,7 +229,7 @@ def softplus(beta: float = 1.0, threshold: float | None = None) -> Smoothness:
     |fn − σ| < log(1 + e^{−t})/β = ``jump`` (the sup, approached just above the switch), and
     |fn' − σ'| = s(−βz) < s(−t) = 1/(1 + e^t) = ``slope_jump``. With ``threshold=None`` the record
     is that of σ with no switch (``fn`` is σ, computed by
-    :func:`~curvbound.runtime.layers.smooth_softplus`). ``d1``, ``d2`` and ``twin`` are σ's.
+    :func:`smooth_softplus`). ``d1``, ``d2`` and ``twin`` are σ's.
 
     Example:
         >>> rec = softplus(2.0, threshold=5.0)
@@ -249,8 +271,8 @@ def _softplus(beta: float, threshold: float | None = None) -> Smoothness:
 def centered_softplus(beta: float = 1.0) -> Smoothness:
     """softplus_β − log2/β: sup|σ'| = 1, sup|σ''| = β/4 (a shift of softplus_β, σ(0) = 0).
 
-    ``fn`` repeats :class:`curvbound.runtime.layers.CenteredSoftplus` exactly. That layer computes
-    the smooth softplus on the whole line (no threshold), so ``jump`` is 0.
+    ``fn`` repeats :class:`curvbound.nn.CenteredSoftplus` exactly. That layer computes the
+    smooth softplus on the whole line (:func:`smooth_softplus`, no threshold), so ``jump`` is 0.
     """
     return _centered_softplus(float(beta))
 

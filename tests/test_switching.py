@@ -20,7 +20,7 @@ from torch import nn
 import curvbound
 from curvbound.apps.empirical import straddling_pairs, switch_sites
 from curvbound.runtime import smoothness as S
-from curvbound.runtime.layers import smooth_softplus
+from curvbound.runtime.smoothness import smooth_softplus
 
 torch.set_num_threads(1)
 

@@ -14,7 +14,6 @@ from ...compiler.context import RuleContext, Transfer
 from ...compiler.errors import DiscontinuityError
 from ...compiler.naming import node_label
 from ...runtime import smoothness as S
-from ...runtime.layers import CenteredSoftplus
 from .base import elementwise_transfer, register
 
 __all__: list[str] = []
@@ -82,12 +81,6 @@ def softplus(node: fx.Node, ctx: RuleContext) -> Transfer:
 
 def _where(node: fx.Node, ctx: RuleContext) -> str:
     return f"node '{node.name}' ({node_label(node, ctx.root)})"
-
-
-@register(CenteredSoftplus)
-def centered_softplus(node: fx.Node, ctx: RuleContext) -> Transfer:
-    """centered softplus_β − log2/β: sup|σ'| = 1, sup|σ''| = β/4."""
-    return _apply(ctx, S.centered_softplus(float(ctx.module.beta)))
 
 
 @register(nn.SiLU, F.silu)
