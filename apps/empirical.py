@@ -65,6 +65,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..compiler.registry import DEFAULT_REGISTRY, Registry
+from ..compiler.trace import trace
+
 __all__ = [
     "Margin",
     "SWITCHES",
@@ -594,14 +597,15 @@ SWITCHES: dict[object, Callable[[torch.fx.Node, nn.Module], list[float]]] = {
 }
 
 
-def switch_sites(model: nn.Module) -> list[tuple[str, float]]:
+def switch_sites(model: nn.Module, registry: Registry | None = None) -> list[tuple[str, float]]:
     """(node name, switch value) for every formula switch of ``model``'s elementwise activations
-    (:data:`SWITCHES`), from a ``torch.fx`` trace.
+    (:data:`SWITCHES`), from curvbound's trace (modules with a rule in ``registry``, default the
+    default registry, stay leaves: their rules answer for what is inside).
 
     >>> switch_sites(nn.Sequential(nn.Linear(2, 2), nn.Softplus(beta=2.0, threshold=5.0)))
     [('_1', 2.5)]
     """
-    gm = torch.fx.symbolic_trace(model)
+    gm = trace(model, registry if registry is not None else DEFAULT_REGISTRY)
     out = []
     for node in gm.graph.nodes:
         key = type(gm.get_submodule(node.target)) if node.op == "call_module" else node.target
@@ -613,7 +617,8 @@ def switch_sites(model: nn.Module) -> list[tuple[str, float]]:
 
 def straddling_pairs(model: nn.Module, input_shape: Shape, *, samples: int = 16,
                      scale: float = 1.0, seed: int = 0, dtype: torch.dtype = torch.float64,
-                     reach: float = 1e4) -> tuple[Tensor, Tensor]:
+                     reach: float = 1e4,
+                     registry: Registry | None = None) -> tuple[Tensor, Tensor]:
     """Pairs (x, y) with one unit's pre-activation just below (x) and just above (y) a formula
     switch of one of the model's activations (:func:`switch_sites`), e.g. βz ≤ threshold < βz'
     for ``nn.Softplus``: the pairs across which torch's function jumps.
@@ -632,11 +637,12 @@ def straddling_pairs(model: nn.Module, input_shape: Shape, *, samples: int = 16,
     """
     shape = (input_shape,) if isinstance(input_shape, int) else tuple(input_shape)
     n = math.prod(shape)
-    sites = switch_sites(model)
+    registry = registry if registry is not None else DEFAULT_REGISTRY
+    sites = switch_sites(model, registry)
     empty = torch.zeros(0, *shape, dtype=dtype)
     if not sites:
         return empty, empty.clone()
-    gm = torch.fx.symbolic_trace(copy.deepcopy(model).to(dtype).eval())
+    gm = trace(copy.deepcopy(model).to(dtype).eval(), registry)
     nodes = {nd.name: nd for nd in gm.graph.nodes}
     names = list(dict.fromkeys(name for name, _ in sites))
     out = next(nd for nd in gm.graph.nodes if nd.op == "output")
