@@ -10,13 +10,13 @@ from torch import nn
 
 from ..passes.checks import check_example_input, check_model_state
 from ..passes.methods import finalize as finalize_method
-from ..runtime.bound_function import BoundFunction
+from ..runtime.bound_function import BoundFunction, CompileSpec
 from ..runtime.norms import MODES
 from . import assemble, codegen, rounding
 from .context import METHODS
 from .errors import UnsupportedOperationError
 from .registry import Registry, layered
-from .trace import propagate_shapes, trace
+from .trace import check_inputs, propagate_shapes, trace, unwrap_model
 
 __all__ = ["compile"]
 
@@ -62,11 +62,13 @@ def compile(  # noqa: A001 - the public name is fixed by the API
         raise ValueError(f"norms must be one of {MODES}, got {norms!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap_model(model)  # torch.compile, DataParallel, DistributedDataParallel
     check_model_state(model)
     example_input = check_example_input(model, example_input)
     registry = layered(rules)
 
     gm = trace(model, registry)
+    check_inputs(gm)
     constants = assemble.find_constants(gm.graph)
     missing = assemble.check_coverage(gm, registry, constants)
     if missing:
@@ -104,6 +106,16 @@ def compile(  # noqa: A001 - the public name is fixed by the API
         output=out.name,
         node_info=infos,
         expr_builder=lambda: assemble.full_expressions(gm, out),
+        spec=CompileSpec(
+            tuple(example_input.shape),
+            example_input.dtype,
+            method=method,
+            norms=norms,
+            rules=rules,
+            anchored=anchored,
+            refresh=refresh,
+            compiler=compile,
+        ),
     )
     cert, factors, why = rounding.certify_nodes(infos, quantities, norms)
     bf._node_certified, bf._rounding, bf._cert_notes = cert, factors, why
@@ -111,4 +123,5 @@ def compile(  # noqa: A001 - the public name is fixed by the API
     bf._anchor = anchor  # anchored quantities read the anchor's values from it (runtime/anchored)
     if refresh:
         bf.refresh()
+    bf._check_values(transfers)  # a rule's negative or NaN number fails here, naming the node
     return bf
