@@ -46,7 +46,7 @@ See ``docs/index.md`` to start, ``docs/theory.md`` for why each rule is sound an
 '''
 
 from .compiler import errors as errors
-from .compiler.compile import compile
+from .compiler.compile import compile, load, save
 from .compiler.context import RuleContext, Transfer
 from .compiler.errors import (
     CurvboundError,
@@ -54,7 +54,10 @@ from .compiler.errors import (
     MethodCoverageError,
     ModelStateError,
     NonSmoothError,
+    RegistrationError,
     RuleError,
+    SerializationError,
+    StaleBoundError,
     TracingError,
     UnsupportedOperationError,
 )
@@ -87,6 +90,11 @@ __all__ = [
     "RuleError",
     "NonSmoothError",
     "MethodCoverageError",
+    "StaleBoundError",
+    "RegistrationError",
+    "SerializationError",
+    "save",
+    "load",
     "errors",
     "certify",
     "certify_dataset",

@@ -74,8 +74,14 @@ def _is_shape_query(node: fx.Node) -> bool:
 def find_constants(graph: fx.Graph) -> set[fx.Node]:
     """Nodes whose values do not depend on the values of the network input."""
     constants: set[fx.Node] = set()
+    first = True
     for node in graph.nodes:
-        if node.op == "placeholder" or node.op == "output":
+        if node.op == "placeholder":
+            if not first and node.args:  # a further argument left at its default value
+                constants.add(node)
+            first = False
+            continue
+        if node.op == "output":
             continue
         if node.op == "get_attr" or _is_shape_query(node):
             constants.add(node)
@@ -201,6 +207,9 @@ def propagate(
     out_node: fx.Node | None = None
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node in gm.graph.nodes:
+        if node.op == "placeholder" and node in constants:
+            transfers[node], rules[node] = Transfer(zero, zero), "constant"
+            continue
         if node.op == "placeholder":
             if node is not placeholders[0]:
                 raise InputError(

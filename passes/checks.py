@@ -48,7 +48,8 @@ def check_model_state(model: nn.Module) -> None:
                     "runs, so a bound would read a stale weight. Use "
                     f"torch.nn.utils.parametrizations.{_HOOKS[kind]} instead (read live)."
                 )
-    metas = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    metas = [n for n, t in tensors if t.is_meta]
     if metas:
         shown = ", ".join(f"'{n}'" for n in metas[:5]) + (" ..." if len(metas) > 5 else "")
         problems.append(

@@ -14,11 +14,17 @@ import sympy
 import torch
 from torch import Tensor, fx, nn
 
-from ..compiler.errors import ModelStateError, RuleError, SerializationError, StaleBoundError
+from ..compiler.errors import (
+    InputError,
+    ModelStateError,
+    RuleError,
+    SerializationError,
+    StaleBoundError,
+)
 from ..compiler.naming import node_label
 from .norms import Norm, Quantity
 
-__all__ = ["Bounds", "BoundFunction", "CompileSpec", "ModelStructure"]
+__all__ = ["Bounds", "BoundFunction", "CompileSpec", "ModelStructure", "check_finite_samples"]
 
 
 @dataclass(frozen=True)
@@ -282,6 +288,33 @@ class BoundFunction(nn.Module):
         self._model._apply(fn)
         self.gm._apply(fn)  # root-level attributes of the traced graph (shared submodules moved)
         return super()._apply(fn, recurse)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The per-sample input shape the bound was compiled for (batch dimension dropped)."""
+        if self._spec is not None:
+            return tuple(self._spec.input_shape[1:])
+        x = next(n for n in self.gm.graph.nodes if n.op == "placeholder")
+        return tuple(x.meta["tensor_meta"].shape[1:])
+
+    def check_input(self, x: object, name: str = "x") -> Tensor:
+        """Raise :class:`~curvbound.InputError` unless ``x`` is a finite floating-point batch
+        ``(B, *input_shape)`` of the compiled input shape; the message names the first bad
+        sample. Returns ``x``."""
+        want = self.input_shape
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise InputError(
+                f"{name} must be a floating-point tensor (B, {', '.join(map(str, want))}), got "
+                f"{type(x).__name__}{'' if not isinstance(x, Tensor) else ' ' + str(x.dtype)}"
+            )
+        if tuple(x.shape[1:]) != want or x.dim() != len(want) + 1:
+            raise InputError(
+                f"{name} has shape {tuple(x.shape)}, but the bound was compiled for inputs "
+                f"(B, {', '.join(map(str, want))}); pass a batch of such samples (x[None] for "
+                "one sample)."
+            )
+        check_finite_samples(x, name)
+        return x
 
     def _check_params(self, exc: BaseException | None = None) -> None:
         """Raise :class:`~curvbound.ModelStateError` naming every non-finite parameter/buffer."""
@@ -558,6 +591,20 @@ def _rebuild(model: nn.Module, spec: CompileSpec, state: dict[str, Tensor]) -> B
         )
     bf.load_state_dict(state)
     return bf
+
+
+def check_finite_samples(x: Tensor, name: str = "x") -> None:
+    """Raise :class:`~curvbound.InputError` naming the first sample of ``x`` with NaN/inf."""
+    if x.is_meta:
+        raise InputError(f"{name} is on the meta device: it has no values")
+    finite = torch.isfinite(x.detach()).reshape(len(x), -1).all(dim=1) if len(x) else None
+    if finite is not None and not bool(finite.all()):
+        bad = (~finite).nonzero()[:, 0]
+        shown = ", ".join(str(int(i)) for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        raise InputError(
+            f"{name} has NaN or inf values in {len(bad)} sample(s), first at index {int(bad[0])} "
+            f"(samples {shown}); nothing was computed. Remove or fix those samples."
+        )
 
 
 def _nonfinite(L: Any, M: Any) -> bool:
