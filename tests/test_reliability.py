@@ -466,3 +466,15 @@ def test_nonsmooth_nodes_name_module_paths_and_types():
 
     bf = curvbound.compile(Block().eval(), torch.zeros(1, 3))
     assert bf.nonsmooth_nodes == ["linear.1 (ReLU)", "relu()"]
+
+
+def test_errors_doc():
+    """docs/errors.md: every example runs and prints what the page shows."""
+    import doctest
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
+    result = doctest.testfile(
+        str(path), module_relative=False, optionflags=doctest.ELLIPSIS
+    )
+    assert result.attempted > 5 and result.failed == 0
