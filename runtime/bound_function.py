@@ -411,6 +411,7 @@ class BoundFunction(nn.Module):
         """
         from .margins import margins
 
+        self.check_model()
         return margins(self)
 
     def node_certified(self, name: str) -> bool:
