@@ -11,12 +11,13 @@ import builtins
 import dataclasses
 import keyword
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import sympy
 from torch import fx, nn
 
-from .context import RuleContext, Transfer, curvature_symbol, lipschitz_symbol
+from .context import Refiner, RuleContext, Transfer, curvature_symbol, lipschitz_symbol
 from .errors import InputError, MissingRule, RuleError, UnsupportedOperationError
 from .naming import node_label
 from .registry import Registry, rule_name, rules_for, target_name
@@ -194,11 +195,13 @@ def propagate(
     norms: str,
     constants: set[fx.Node],
     anchor: object | None = None,
+    refiners: Sequence[Refiner] = (),
 ) -> tuple[dict[fx.Node, Transfer], dict[fx.Node, str], fx.Node]:
     """Compute every node's transfer; returns (transfers, rule names, the output's value node).
 
     ``anchor``: the :class:`~curvbound.runtime.anchored.AnchorState` of an anchored compile,
-    handed to every rule as ``ctx.anchor``.
+    handed to every rule as ``ctx.anchor``; ``refiners``: the passes every affine transfer goes
+    through (``ctx.refiners``).
     """
     transfers: dict[fx.Node, Transfer] = {}
     rules: dict[fx.Node, str] = {}
@@ -237,6 +240,7 @@ def propagate(
             transfers=transfers,
             constants=constants,
             anchor=anchor,
+            refiners=refiners,
         )
         result, reasons = None, []
         for fn in rules_for(node, gm, registry):

@@ -14,15 +14,16 @@ import sympy
 import torch
 from torch import Tensor, fx, nn
 
-from ..compiler.errors import (
+from ..runtime.norms import Norm, Quantity
+from .errors import (
     InputError,
     ModelStateError,
     RuleError,
     SerializationError,
     StaleBoundError,
 )
-from ..compiler.naming import node_label
-from .norms import Norm, Quantity
+from .margins import margins
+from .naming import node_label
 
 __all__ = ["Bounds", "BoundFunction", "CompileSpec", "ModelStructure", "check_finite_samples"]
 
@@ -402,15 +403,13 @@ class BoundFunction(nn.Module):
         return self.norms == "certified" and all(q.certified for q in self.quantities.values())
 
     def margins(self):
-        """Bounds on every logit difference f_i − f_j: a :class:`~curvbound.runtime.margins.Margins`
+        """Bounds on every logit difference f_i − f_j, a :class:`~.margins.Margins`,
         with K×K ``lipschitz`` and ``curvature`` tensors (zero diagonal) and ``certified``.
 
         Each pair c = e_i − e_j is folded into the last linear layer and only the output block is
         recomputed, for all pairs in one batch (theory §5); where that does not apply the result is
         √2 times the global bound and ``.pairwise`` is False. See :mod:`curvbound.runtime.margins`.
         """
-        from .margins import margins
-
         self.check_model()
         return margins(self)
 
