@@ -112,8 +112,10 @@ def _describe_target(node: fx.Node, root: nn.Module) -> tuple[str, str | None, s
         name = target_name(node.target)
         key, path = name, None
         raw = getattr(node.target, "__name__", "my")
+    root_mod = key.split(".")[0] if "." in key and not key.startswith("'") else ""
+    imports = f"import {root_mod}\n" if root_mod and root_mod != "curvbound" else ""
     hint = (
-        f"import curvbound\n{note}"
+        f"{imports}import curvbound\n{note}"
         f"@curvbound.rule({key})\n"
         f"def {_identifier(raw)}_rule(node, ctx):\n"
         f"    # elementwise smooth map:  return curvbound.rules.elementwise(slope=..., "

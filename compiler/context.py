@@ -16,6 +16,7 @@ from torch import fx, nn
 from ..runtime.norms import Norm, Quantity
 from ..runtime.operators import Chain, Dense, FunctionOperator, LinearOperator
 from .exprs import round_up
+from .naming import node_label
 
 __all__ = [
     "Transfer",
@@ -262,7 +263,7 @@ class RuleContext:
                 # fall back to an estimate that makes Bounds.certified False.
                 q = Norm(op, "estimate", seed=seed, label=op.describe(), dtype=dtype)
                 q.note = f"{sym} is a power-iteration ESTIMATE, not a bound: {exc}"
-                warnings.warn(f"node '{self.node.name}': {q.note}", stacklevel=2)
+                warnings.warn(f"{node_label(self.node)}: {q.note}", stacklevel=2)
         return sym, q
 
     def dense(self, weight: Callable[[], torch.Tensor], source: fx.Node | None = None) -> Transfer:

@@ -435,6 +435,16 @@ def _stub(message: str, marker: str) -> str:
     return "\n".join(body)
 
 
+def _stub_target(stub: str):
+    """The object the stub's decorator registers for (its imports run, the rule is not)."""
+    scope: dict = {}
+    for line in stub.splitlines():
+        if line.startswith("import "):
+            exec(line, scope)
+    deco = next(line for line in stub.splitlines() if line.startswith("@curvbound.rule("))
+    return eval(deco[len("@curvbound.rule("):-1], scope)
+
+
 def test_registration_stub_is_valid_python_inside_sequential():
     net = nn.Sequential(nn.Linear(3, 3), nn.PReLU()).eval()
     with pytest.raises(curvbound.UnsupportedOperationError) as info:
@@ -444,6 +454,7 @@ def test_registration_stub_is_valid_python_inside_sequential():
     stub = _stub(msg, "1 (PReLU)")
     ast.parse(stub)
     assert "def prelu_rule(node, ctx):" in stub
+    assert _stub_target(stub) is nn.PReLU
     assert "@curvbound.rule(torch.nn.modules.activation.PReLU)" in stub
 
 
@@ -458,8 +469,9 @@ def test_sort_and_topk_are_named_not_getattr():
     msg = str(info.value)
     assert "2 node(s)" in msg and "getattr" not in msg
     assert "@curvbound.rule(torch.sort)" in msg and "@curvbound.rule(torch.topk)" in msg
-    for marker in ("sort()", "topk()"):
+    for marker, target in (("sort()", torch.sort), ("topk()", torch.topk)):
         ast.parse(_stub(msg, marker))
+        assert _stub_target(_stub(msg, marker)) is target
 
 
 def test_declined_product_hint_warns_about_every_product():

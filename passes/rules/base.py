@@ -12,6 +12,7 @@ from torch import fx
 
 from ...compiler.context import Elementwise, RuleContext, Transfer
 from ...compiler.errors import RegistrationError
+from ...compiler.naming import node_label
 from ...compiler.registry import DEFAULT_REGISTRY
 from ...runtime.operators import FunctionOperator, Reshape, Scalar
 
@@ -129,7 +130,7 @@ def elementwise_transfer(
     table, sup|σ''| becomes the per-sample κ(x₀) = max_j β'(u_j(x₀)) and ‖diag(r)A‖ the per-sample
     ‖diag(ρ⊙r)A‖ (:mod:`curvbound.runtime.anchored`); the expressions keep their form.
     """
-    check_constants(slope, curvature, slope_range, f"{name} at node '{ctx.node.name}'")
+    check_constants(slope, curvature, slope_range, f"{name} at {node_label(ctx.node)}")
     a, c = _num(slope), _num(curvature)
     u = ctx.input()
     lo, hi = (number(v) for v in slope_range) if slope_range is not None else (-a, a)
