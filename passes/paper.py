@@ -33,7 +33,7 @@ compositional Bounds(lipschitz=0.415375, curvature=0.427258, certified)
 >>> curvbound.compile(relu, torch.zeros(1, 4), method="paper")
 Traceback (most recent call last):
 ...
-curvbound.compiler.errors.MethodCoverageError: method='paper': activation node '_1' ... is not C¹
+curvbound.compiler.errors.MethodCoverageError: method='paper': activation 1 (ReLU) ... is not C¹
 (σ' is discontinuous), so its curvature is infinite. Use method='compositional', ...
 """
 

@@ -225,7 +225,7 @@ class Residual(nn.Module):
         (nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2)), r"'_1'.*not C¹"),
         (nn.Sequential(nn.Linear(4, 5), nn.Tanh()), r"end with a linear layer.*'_1'"),
         (nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Tanh(), nn.Linear(5, 2)),
-         r"activation node '_2'.*does not follow a linear layer"),
+         r"activation .*\(fx node '_2'.*does not follow a linear layer"),
     ],
 )
 def test_paper_rejects_uncovered_graphs(model, match):
