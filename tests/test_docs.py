@@ -24,7 +24,7 @@ DOCTEST_MODULES = [
     "curvbound.pipeline",
     "curvbound.passes.rules.base",
     "curvbound.runtime.norms",
-    "curvbound.runtime.layers",
+    "curvbound.apps.nn",
     "curvbound.apps.training",
 ]
 
