@@ -53,6 +53,7 @@ import sympy
 import torch
 from torch import Tensor, nn
 
+from ..apps.distributed import sharded
 from ..compiler.errors import InputError, NonSmoothError
 from .anchored import Capture, anchor_state
 
@@ -624,6 +625,7 @@ def certify(
     return cert(x, y)
 
 
+@sharded
 def certify_dataset(
     model: nn.Module,
     loader: Iterable,
@@ -635,12 +637,18 @@ def certify_dataset(
     method: str = "compositional",
     limit: int | None = None,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> Certificate:
     """Certify a dataset batch by batch and return the concatenated :class:`Certificate`.
 
     ``loader`` yields ``(x, y)`` pairs or bare ``x`` batches (a ``DataLoader`` or any iterable);
     the bound is compiled once from the first batch. ``limit`` stops after that many samples;
     ``progress`` prints a one-line progress report on stderr.
+
+    Under ``torch.distributed`` (a process group of several ranks, or a process started by
+    torchrun) each rank certifies every W-th batch of the same loader and every rank returns the
+    whole certificate, equal to a single-process run (``distributed=False``: only what the local
+    loader yields); see :mod:`curvbound.apps.distributed` and docs/distributed.md.
     """
     certifier: Certifier | None = None
     parts: list[Certificate] = []

@@ -1,0 +1,1 @@
+"""Applications that use compiled bound functions (certificates, training, distributed runs...)."""
