@@ -14,7 +14,7 @@ from ..runtime.bound_function import BoundFunction
 from ..runtime.norms import MODES
 from . import assemble, codegen, rounding
 from .context import METHODS
-from .errors import UnsupportedOperationError
+from .errors import InputError, UnsupportedOperationError
 from .registry import Registry, layered
 from .trace import propagate_shapes, trace
 
@@ -62,6 +62,12 @@ def compile(  # noqa: A001 - the public name is fixed by the API
         raise ValueError(f"norms must be one of {MODES}, got {norms!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        raise InputError(
+            f"model is wrapped in {type(model).__name__}: compile the wrapped model, "
+            "curvbound.compile(model.module, x) (its bound reads the same replicated weights; "
+            "see docs/distributed.md)"
+        )
     check_model_state(model)
     example_input = check_example_input(model, example_input)
     registry = layered(rules)

@@ -13,6 +13,7 @@ module fixture; the tests compare what each rank saw with a single-process run i
 
 from __future__ import annotations
 
+import doctest
 import io
 import math
 import os
@@ -136,6 +137,11 @@ def _worker(rank: int, size: int, port: int, out: str) -> None:
     with _Rows() as rows:
         local = curvbound.certify_dataset(net, _loader(), distributed=False, progress=False)
     res["local"], res["local_rows"] = _fields(local), rows.n
+    # data sharded by the user (here every other sample): local certificates, gathered
+    x, y = _data()
+    mine = curvbound.certify_dataset(net, [(x[rank::size], y[rank::size])], distributed=False,
+                                     progress=False)
+    res["gathered"] = _fields(cdist.gather_certificate(mine))
     # a loader that differs across ranks (e.g. an unsynchronised shuffle) is an error everywhere
     try:
         curvbound.certify_dataset(net, _loader(seed=10 + rank), progress=False)
@@ -151,6 +157,10 @@ def _worker(rank: int, size: int, port: int, out: str) -> None:
         res["failure"] = (type(exc).__name__, str(exc))
     # training with the bound of ddp.module as a penalty
     ddp = nn.parallel.DistributedDataParallel(_net())
+    try:
+        curvbound.compile(ddp, torch.zeros(1, 4))
+    except Exception as exc:
+        res["compile_ddp"] = (type(exc).__name__, str(exc))
     trained = _train(ddp, _train_data(), rank, size)
     bf = trained.pop("bf")
     res["train"] = trained
@@ -239,6 +249,17 @@ def test_distributed_false_certifies_the_local_loader(ranks, single):
         assert res["local_rows"] == N
 
 
+def test_gather_certificate_concatenates_user_shards_in_rank_order(ranks):
+    x, y = _data()
+    net = _net()
+    ref = curvbound.Certificate.cat([
+        curvbound.certify_dataset(net, [(x[r::WORLD], y[r::WORLD])], progress=False)
+        for r in range(WORLD)
+    ])
+    for res in ranks:
+        _assert_identical(res["gathered"], _fields(ref))
+
+
 def test_different_loaders_on_different_ranks_are_an_error(ranks):
     for res in ranks:
         kind, msg = res["mismatch"]
@@ -278,6 +299,19 @@ def test_ddp_training_matches_one_process_on_the_union(ranks):
         torch.testing.assert_close(got["buffers"][k], v, rtol=1e-4, atol=1e-5)
     assert all(math.isclose(p, q, rel_tol=1e-5) for p, q in zip(got["penalties"],
                                                                  ref["penalties"]))
+
+
+def test_compiling_the_ddp_wrapper_says_to_compile_module(ranks):
+    for res in ranks:
+        kind, msg = res["compile_ddp"]
+        assert kind == "InputError" and "curvbound.compile(model.module, x)" in msg
+    with pytest.raises(InputError, match="DataParallel.*model.module"):
+        curvbound.compile(nn.DataParallel(_net()), torch.zeros(1, 4))
+
+
+def test_docstring_examples_run():
+    result = doctest.testmod(cdist, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
 
 
 def test_without_a_process_group_nothing_changes():

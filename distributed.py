@@ -1,0 +1,23 @@
+"""``curvbound.distributed``: certification and training across processes (apps/distributed.py)."""
+
+from .apps.distributed import (
+    DistributedError,
+    broadcast_bound,
+    ensure_process_group,
+    gather_certificate,
+    in_sync,
+    is_main_process,
+    sharded,
+    world,
+)
+
+__all__ = [
+    "DistributedError",
+    "world",
+    "is_main_process",
+    "ensure_process_group",
+    "sharded",
+    "gather_certificate",
+    "broadcast_bound",
+    "in_sync",
+]
