@@ -183,6 +183,9 @@ class _Share:
         self.owned: list[int] = []  # sizes of the local batches
         self.finished = False
         self.device = torch.device("cpu")
+        sizes = _batch_sizes(loader, limit)
+        if sizes is not None:  # the local total, for the progress report (rank 0)
+            self.dataset = range(sum(sizes[rank::size]))
 
     def __iter__(self) -> Iterator:
         done, limit = 0, self.limit
@@ -209,6 +212,29 @@ class _Share:
             if limit is not None and done >= limit:
                 break
         self.finished = True
+
+
+def _batch_sizes(loader, limit: int | None) -> list[int] | None:
+    """The batch sizes a ``DataLoader`` with a plain ``batch_size`` will yield, else None."""
+    bs = getattr(loader, "batch_size", None)
+    try:
+        n = len(loader.dataset)
+    except (AttributeError, TypeError):
+        return None
+    if not isinstance(bs, int) or bs <= 0:
+        return None
+    sizes = [bs] * (n // bs)
+    if n % bs and not getattr(loader, "drop_last", False):
+        sizes.append(n % bs)
+    if limit is not None:
+        out, done = [], 0
+        for m in sizes:
+            if done >= limit:
+                break
+            out.append(min(m, limit - done))
+            done += out[-1]
+        sizes = out
+    return sizes
 
 
 def _fingerprint(x: Tensor, y) -> tuple[str, str]:

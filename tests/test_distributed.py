@@ -18,6 +18,7 @@ import io
 import math
 import os
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import fields
@@ -39,6 +40,7 @@ pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 N, BATCH, LIMIT = 50, 8, 37  # 7 batches: rank 0 gets 4 (26 samples), rank 1 gets 3 (24)
 STEPS, LAM = 3, 0.05
@@ -239,7 +241,7 @@ def test_each_rank_evaluates_only_its_share(ranks, single):
 
 
 def test_progress_is_printed_by_rank_0_only(ranks):
-    assert "certify: " in ranks[0]["progress"]
+    assert "certify: 26/26 samples" in ranks[0]["progress"]  # rank 0's share of the 50
     assert ranks[1]["progress"] == ""
 
 
@@ -320,3 +322,16 @@ def test_without_a_process_group_nothing_changes():
         curvbound.certify_dataset(_net(), _loader(), distributed=True, progress=False)
     with pytest.raises(InputError, match="no samples"):
         curvbound.certify_dataset(_net(), [], progress=False)
+
+
+@pytest.mark.slow
+def test_example_under_torchrun_prints_the_single_process_summary_once():
+    script = str(ROOT / "examples" / "distributed_certify.py")
+    run = dict(capture_output=True, text=True, cwd=ROOT, timeout=300)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", script], **run)
+    one = subprocess.run([sys.executable, script], **run)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.startswith("2 process(es)\n") and one.stdout.startswith("1 process(es)\n")
+    assert two.stdout.count("300 samples, clean accuracy") == 1  # rank 0 prints, rank 1 not
+    assert two.stdout.split("\n", 1)[1] == one.stdout.split("\n", 1)[1]
