@@ -45,8 +45,11 @@ See ``docs/index.md`` to start, ``docs/theory.md`` for why each rule is sound an
 ``docs/writing_rules.md`` to cover your own layers.
 '''
 
+from . import zoo
+from .apps.anchored import AnchoredBounds, anchored_bounds
+from .apps.certificates import AdversarialExamples, Certificate, certify, certify_dataset
 from .compiler import errors as errors
-from .compiler.compile import compile
+from .compiler.bound_function import BoundFunction, Bounds
 from .compiler.context import RuleContext, Transfer
 from .compiler.errors import (
     CurvboundError,
@@ -60,14 +63,13 @@ from .compiler.errors import (
 )
 from .compiler.registry import DEFAULT_REGISTRY, Registry, rule
 from .passes import rules
+from .pipeline import compile
 from .runtime import operators
-from .runtime.anchored import AnchoredBounds, anchored_bounds
-from .runtime.bound_function import BoundFunction, Bounds
-from .runtime.certificates import AdversarialExamples, Certificate, certify, certify_dataset
 from .runtime.layers import CenteredSoftplus
 
 __all__ = [
     "compile",
+    "zoo",
     "rule",
     "activation",
     "rules",

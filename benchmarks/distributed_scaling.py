@@ -32,8 +32,8 @@ import torch.multiprocessing as mp
 
 import curvbound
 from curvbound import zoo
+from curvbound.apps import data
 from curvbound.apps.distributed import ensure_process_group
-from curvbound.runtime import data
 
 
 def _loader(limit: int, batch: int):

@@ -14,7 +14,7 @@ import torch
 
 import curvbound
 from curvbound import zoo
-from curvbound.runtime.empirical import curvature_lower_bound, lipschitz_lower_bound
+from curvbound.apps.empirical import curvature_lower_bound, lipschitz_lower_bound
 
 
 def show(name: str, model: torch.nn.Module, input_shape: tuple[int, ...]) -> None:

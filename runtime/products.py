@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .certified import certify, dense_norm, rounding_factor
 from .norms import Norm, Quantity
 from .operators import (
     MATERIALIZE_LIMIT,
@@ -174,8 +175,6 @@ def _dense_product_norm(mats: list[Tensor]) -> Tensor:
     """Certified ‖W_i⋯W_j‖ from the float64 product of the matrices (output side first): an exact
     SVD of the computed product plus the rounding bound γ_p·Π‖|W_k|‖ (Higham §3.5; p = the summed
     inner dimensions), ‖|W_k|‖ ≤ ‖W_k‖_F."""
-    from .certified import dense_norm
-
     prod = mats[0]
     terms = 0
     for w in mats[1:]:
@@ -441,8 +440,6 @@ class HadamardNorm(Quantity):
         return value
 
     def _certified(self) -> Tensor:
-        from .certified import certify, dense_norm
-
         g, w = (t.detach().double() for t in self.matrices())
         a1, a2 = g.T @ g, w @ w.T
         s = a1 * a2
@@ -525,8 +522,6 @@ class LipLTFactor(Quantity):
     def forward(self) -> Tensor:
         if not self.certified:
             return self.values()[-1]
-        from ..compiler.rounding import rounding_factor
-
         with torch.no_grad():
             value = self.values()[-1].double()
         return value * rounding_factor(8.0 * (self.n + 1) ** 2)
@@ -567,8 +562,6 @@ class CRTSensitivity(Quantity):
         with exact_arithmetic(), torch.no_grad():
             value = self.vectors().double().max()
             terms = sum(_numel(op.in_shape) + 2 for op in self.ops)
-        from .certified import certify
-
         return certify(value * (1 + 2 * _gamma(terms)))
 
     def extra_repr(self) -> str:

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import curvbound
+from curvbound.apps.empirical import curvature_lower_bound
 from curvbound.compiler.registry import Registry
-from curvbound.runtime.empirical import curvature_lower_bound
 
 
 def small_mlp(seed: int = 0, dtype=torch.float64) -> nn.Module:

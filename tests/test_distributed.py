@@ -32,9 +32,9 @@ from torch import nn
 
 import curvbound
 from curvbound.apps import distributed as cdist
+from curvbound.apps.anchored import Capture
+from curvbound.apps.training import CurvatureRegularizer
 from curvbound.compiler.errors import InputError
-from curvbound.runtime.anchored import Capture
-from curvbound.runtime.training import CurvatureRegularizer
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"

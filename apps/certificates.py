@@ -42,6 +42,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
@@ -53,9 +54,13 @@ import sympy
 import torch
 from torch import Tensor, nn
 
-from ..apps.distributed import sharded
 from ..compiler.errors import InputError, NonSmoothError
+from ..compiler.margins import evaluate_expression
+from ..compiler.rounding import rounding_exponent, rounding_factor
+from ..pipeline import compile as compile_bound
+from ..runtime.margins import _Context
 from .anchored import Capture, anchor_state
+from .distributed import sharded
 
 __all__ = [
     "Certificate",
@@ -98,8 +103,6 @@ class AdversarialExamples:
             return torch.zeros(0, dtype=torch.long)
         ref = next((p for p in model.parameters()), None)
         if ref is not None and ref.dtype != dtype:
-            import copy
-
             model = copy.deepcopy(model).to(dtype)
         return model(self.points.to(dtype)).argmax(dim=1)
 
@@ -269,8 +272,6 @@ class Certifier:
         curvature: bool | None = None,
         method: str = "compositional",
     ):
-        from ..compiler.compile import compile as compile_bound
-
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         example, _ = _check_batch(example, None)
@@ -487,9 +488,6 @@ class _AnchoredPairs:
     (computed once: they depend on the last layer only), giving (B, P)."""
 
     def __init__(self, bf):
-        from ..compiler.rounding import rounding_exponent, rounding_factor
-        from . import margins as mg
-
         fold = getattr(bf, "_margin_fold", None)
         out_info = next(nb for nb in bf._node_info if nb.name == bf.output)
         self.ok = fold is not None
@@ -498,7 +496,7 @@ class _AnchoredPairs:
         k = _classes(bf)
         self.k = k
         certified = bool(bf.certified)
-        ctx = mg._Context(k, certified)
+        ctx = _Context(k, certified)
         self.i, self.j = ctx.i, ctx.j
         self.pairs = {}
         try:
@@ -518,7 +516,7 @@ class _AnchoredPairs:
                 self.ok = False
                 return
             self.factor = rounding_factor(e)
-        self.evaluate = mg._evaluate
+        self.evaluate = evaluate_expression
 
     def curvature(self, b, quantities: dict[str, Tensor], pred: Tensor) -> Tensor | None:
         """(B, K) anchored curvature of the margins f_i − f_p from the anchored bounds ``b`` and

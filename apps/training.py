@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .bound_function import BoundFunction
+from ..compiler.bound_function import BoundFunction
 
 __all__ = ["CurvatureRegularizer"]
 
