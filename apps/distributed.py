@@ -113,6 +113,9 @@ def sharded(certify_fn: Callable) -> Callable:
     what the local loader yields (for data already sharded with a ``DistributedSampler``; see
     :func:`gather_certificate`).
 
+    Sharded certification is a collective: every rank must call it (to certify on one rank
+    only, pass ``distributed=False`` there).
+
     The wrapped function is called with the local batches (``limit`` applied in the loader's
     order beforehand), ``distributed=False``, and ``progress`` on rank 0 only; it must return
     the concatenation of its batches' certificates (``Certificate.cat``).
@@ -130,6 +133,7 @@ def sharded(certify_fn: Callable) -> Callable:
         try:
             cert = certify_fn(model, share, *args, distributed=False, limit=None,
                               progress=progress and rank == 0, **kwargs)
+            share.device = cert.radius.device
             sent = ("ok", _moved(cert, torch.device("cpu")), share.owned, share.record)
         except Exception as exc:  # re-raised below, after telling the other ranks
             if share.finished and not share.owned and isinstance(exc, InputError):

@@ -139,6 +139,11 @@ def _worker(rank: int, size: int, port: int, out: str) -> None:
     with _Rows() as rows:
         local = curvbound.certify_dataset(net, _loader(), distributed=False, progress=False)
     res["local"], res["local_rows"] = _fields(local), rows.n
+    # rank 1 gets no batch at all; bare x batches of unequal sizes (no labels)
+    x, y = _data()
+    res["one_batch"] = _fields(curvbound.certify_dataset(net, [(x[:5], y[:5])], progress=False))
+    res["bare"] = _fields(curvbound.certify_dataset(net, [x[:20], x[20:23], x[23:]],
+                                                    progress=False))
     # data sharded by the user (here every other sample): local certificates, gathered
     x, y = _data()
     mine = curvbound.certify_dataset(net, [(x[rank::size], y[rank::size])], distributed=False,
@@ -243,6 +248,17 @@ def test_each_rank_evaluates_only_its_share(ranks, single):
 def test_progress_is_printed_by_rank_0_only(ranks):
     assert "certify: 26/26 samples" in ranks[0]["progress"]  # rank 0's share of the 50
     assert ranks[1]["progress"] == ""
+
+
+def test_a_rank_without_batches_and_unlabelled_batches(ranks):
+    x, y = _data()
+    net = _net()
+    one = _fields(curvbound.certify_dataset(net, [(x[:5], y[:5])], progress=False))
+    bare = _fields(curvbound.certify_dataset(net, [x[:20], x[20:23], x[23:]], progress=False))
+    assert bare["label"] is None and len(bare["radius"]) == N
+    for res in ranks:
+        _assert_identical(res["one_batch"], one)
+        _assert_identical(res["bare"], bare)
 
 
 def test_distributed_false_certifies_the_local_loader(ranks, single):
