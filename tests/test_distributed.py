@@ -8,7 +8,8 @@ module fixture; the tests compare what each rank saw with a single-process run i
 - the loader's order, ``limit``, ``distributed=False``, mismatched loaders and an error on one rank;
 - training: a few DDP steps with the curvature bound of ``ddp.module`` as a penalty keep the
   ranks' parameters, power-iteration vectors and penalties identical, and equal (to float32
-  rounding) to one process training on the union of the two shards.
+  rounding) to one process training on the union of the two shards; the same with
+  ``curvbound.CurvaturePenalty`` (issue 11) where it exists.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from torch import nn
 import curvbound
 from curvbound.apps import distributed as cdist
 from curvbound.apps.anchored import Capture
-from curvbound.apps.training import CurvatureRegularizer
 from curvbound.compiler.errors import InputError
 
 pytestmark = pytest.mark.skipif(
@@ -91,10 +91,10 @@ def _train_data():
 
 
 def _train(model: nn.Module, train, rank: int = 0, size: int = 1) -> dict:
-    """STEPS steps of SGD on cross-entropy + λ·M (shard ``rank`` of ``size`` of the data)."""
+    """STEPS steps of SGD on cross-entropy + λ·M, M = bf(refresh=2).curvature, the bound of the
+    (unwrapped) model, on shard ``rank`` of ``size`` of the data."""
     net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     bf = curvbound.compile(net, torch.zeros(1, 4))
-    reg = CurvatureRegularizer(bf, target=0.0, lam=LAM, refresh_steps=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = train
     share = len(x) // size
@@ -102,17 +102,41 @@ def _train(model: nn.Module, train, rank: int = 0, size: int = 1) -> dict:
     penalties = []
     for _ in range(STEPS):
         opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(xs), ys) + reg()
+        m = bf(refresh=2).curvature
+        loss = nn.functional.cross_entropy(model(xs), ys) + LAM * m
         loss.backward()
         opt.step()
-        reg.update()
-        penalties.append(reg.last)
+        penalties.append(float(m.detach()))
     return {
         "params": {k: v.detach().clone() for k, v in net.state_dict().items()},
         "buffers": {k: v.detach().clone() for k, v in bf.state_dict().items()},
         "penalties": penalties,
-        "lam": reg.lam,
         "bf": bf,
+    }
+
+
+def _train_penalty(model: nn.Module, rank: int = 0, size: int = 1) -> dict:
+    """STEPS steps of SGD on cross-entropy + ``curvbound.CurvaturePenalty`` (bound target)."""
+    pen = curvbound.CurvaturePenalty(model, torch.zeros(1, 4), weight=LAM, target=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _train_data()
+    share = len(x) // size
+    xs, ys = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+    values = []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(xs), ys) + pen()
+        loss.backward()
+        opt.step()
+        pen.step()
+        values.append(pen.value)
+    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return {
+        "params": {k: v.detach().clone() for k, v in net.state_dict().items()},
+        "buffers": {k: v.detach().clone() for k, v in pen.bound.state_dict().items()},
+        "values": values,
+        "weight": pen.weight,
+        "in_sync": cdist.in_sync(net, pen.bound),
     }
 
 
@@ -172,6 +196,8 @@ def _worker(rank: int, size: int, port: int, out: str) -> None:
     bf = trained.pop("bf")
     res["train"] = trained
     res["in_sync"] = cdist.in_sync(ddp.module, bf)
+    if hasattr(curvbound, "CurvaturePenalty"):  # issue 11's penalty (unwraps the DDP model)
+        res["penalty"] = _train_penalty(nn.parallel.DistributedDataParallel(_net()), rank, size)
     if rank == 1:  # a drifted vector is detected, and broadcast_bound repairs it
         with torch.no_grad():
             next(iter(bf.buffers())).mul_(-1)
@@ -299,7 +325,7 @@ def test_ddp_training_with_the_penalty_keeps_ranks_identical(ranks):
     assert a["buffers"].keys() == b["buffers"].keys() and a["buffers"]
     for k in a["buffers"]:
         assert torch.equal(a["buffers"][k], b["buffers"][k]), k
-    assert a["penalties"] == b["penalties"] and a["lam"] == b["lam"]
+    assert a["penalties"] == b["penalties"]
     assert all(res["in_sync"] for res in ranks)
     assert not any(res["drifted_in_sync"] for res in ranks)
     assert all(res["repaired_in_sync"] for res in ranks)
@@ -317,6 +343,24 @@ def test_ddp_training_matches_one_process_on_the_union(ranks):
         torch.testing.assert_close(got["buffers"][k], v, rtol=1e-4, atol=1e-5)
     assert all(math.isclose(p, q, rel_tol=1e-5) for p, q in zip(got["penalties"],
                                                                  ref["penalties"]))
+
+
+@pytest.mark.skipif(not hasattr(curvbound, "CurvaturePenalty"),
+                    reason="curvbound.CurvaturePenalty (issue 11) is not on this branch yet")
+def test_ddp_training_with_curvature_penalty_keeps_ranks_identical(ranks):
+    a, b = ranks[0]["penalty"], ranks[1]["penalty"]
+    for k in a["params"]:
+        assert torch.equal(a["params"][k], b["params"][k]), k
+    assert a["buffers"].keys() == b["buffers"].keys() and a["buffers"]
+    for k in a["buffers"]:
+        assert torch.equal(a["buffers"][k], b["buffers"][k]), k
+    assert a["values"] == b["values"] and a["weight"] == b["weight"] > LAM  # λ grew (M > 0)
+    assert a["in_sync"] and b["in_sync"]
+    torch.set_num_threads(1)
+    ref = _train_penalty(_net())  # one process on the union of the two shards
+    for k, v in ref["params"].items():
+        torch.testing.assert_close(a["params"][k], v, rtol=1e-5, atol=1e-6)
+    assert all(math.isclose(p, q, rel_tol=1e-5) for p, q in zip(a["values"], ref["values"]))
 
 
 def test_compiling_the_ddp_wrapper_says_to_compile_module(ranks):
