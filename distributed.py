@@ -4,9 +4,11 @@ from .apps.distributed import (
     DistributedError,
     broadcast_bound,
     ensure_process_group,
+    gather_batches,
     gather_certificate,
     in_sync,
     is_main_process,
+    mine,
     sharded,
     world,
 )
@@ -18,6 +20,8 @@ __all__ = [
     "ensure_process_group",
     "sharded",
     "gather_certificate",
+    "mine",
+    "gather_batches",
     "broadcast_bound",
     "in_sync",
 ]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import fields
 
 import torch
@@ -40,6 +40,8 @@ __all__ = [
     "ensure_process_group",
     "sharded",
     "gather_certificate",
+    "mine",
+    "gather_batches",
     "broadcast_bound",
     "in_sync",
 ]
@@ -339,6 +341,44 @@ def gather_certificate(cert, group=None):
     device = cert.radius.device
     parts = _all_gather(_moved(cert, torch.device("cpu")), group)
     return _moved(type(cert).cat(parts), device)
+
+
+def mine(index: int, group=None) -> bool:
+    """Whether this rank handles item ``index`` of a sequence of batches (index mod W = rank,
+    the sharding of ``certify_dataset``); always True without a process group. For loops that
+    certify batches themselves; combine the results with :func:`gather_batches`.
+
+    >>> [i for i in range(5) if mine(i)]  # one process: every batch
+    [0, 1, 2, 3, 4]
+    """
+    rank, size = world(group)
+    return index % size == rank
+
+
+def gather_batches(parts: Sequence[tuple[int, object]], group=None):
+    """``(index, Certificate)`` pairs certified on this rank → the certificates of every rank
+    concatenated in index order (``Certificate.cat``), on every rank. Every rank must call it;
+    a rank may contribute no pair.
+
+    >>> import torch, curvbound
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    >>> x = torch.randn(6, 2)
+    >>> parts = [(1, curvbound.certify(net, x[4:])), (0, curvbound.certify(net, x[:4]))]
+    >>> len(gather_batches(parts)), int(gather_batches(parts).predicted[0] == net(x[:1]).argmax())
+    (6, 1)
+    """
+    parts = list(parts)
+    device = parts[0][1].radius.device if parts else torch.device("cpu")
+    if world(group)[1] > 1:
+        local = [(i, _moved(c, torch.device("cpu"))) for i, c in parts]
+        parts = [p for received in _all_gather(local, group) for p in received]
+    if not parts:
+        raise InputError("no rank certified any batch")
+    indices = [i for i, _ in parts]
+    if len(set(indices)) != len(indices):
+        raise InputError(f"batch indices must be distinct across ranks, got {sorted(indices)}")
+    whole = type(parts[0][1]).cat([c for _, c in sorted(parts, key=lambda p: p[0])])
+    return _moved(whole, device)
 
 
 # -- training -----------------------------------------------------------------------------------

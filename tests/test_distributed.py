@@ -15,9 +15,12 @@ module fixture; the tests compare what each rank saw with a single-process run i
 from __future__ import annotations
 
 import doctest
+import importlib.util
 import io
+import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -32,6 +35,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import curvbound
+from curvbound.apps import cli
 from curvbound.apps import distributed as cdist
 from curvbound.apps.anchored import Capture
 from curvbound.compiler.errors import InputError
@@ -42,6 +46,7 @@ pytestmark = pytest.mark.skipif(
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
+HAS_SKLEARN = importlib.util.find_spec("sklearn") is not None
 N, BATCH, LIMIT = 50, 8, 37  # 7 batches: rank 0 gets 4 (26 samples), rank 1 gets 3 (24)
 STEPS, LAM = 3, 0.05
 
@@ -140,6 +145,19 @@ def _train_penalty(model: nn.Module, rank: int = 0, size: int = 1) -> dict:
     }
 
 
+def _cli(json_path: Path) -> tuple[int, str, dict | None]:
+    stdout, sys.stdout = sys.stdout, io.StringIO()
+    try:
+        code = cli.main(["certify", f"{ROOT}/examples/cli_models.py:digits_mlp", "--data",
+                         "digits", "--limit", "60", "--batch-size", "16", "--quiet", "--json",
+                         str(json_path)])
+        printed = sys.stdout.getvalue()
+    finally:
+        sys.stdout = stdout
+    record = json.loads(json_path.read_text()) if json_path.exists() else None
+    return code, printed, record
+
+
 def _worker(rank: int, size: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     # what torchrun sets; certify_dataset initialises the process group from it
@@ -168,6 +186,9 @@ def _worker(rank: int, size: int, port: int, out: str) -> None:
     res["one_batch"] = _fields(curvbound.certify_dataset(net, [(x[:5], y[:5])], progress=False))
     res["bare"] = _fields(curvbound.certify_dataset(net, [x[:20], x[20:23], x[23:]],
                                                     progress=False))
+    # the command line under torchrun: rank 0 prints and writes, both certify half the batches
+    if HAS_SKLEARN:
+        res["cli"] = _cli(Path(out) / f"cli{rank}.json")
     # data sharded by the user (here every other sample): local certificates, gathered
     x, y = _data()
     mine = curvbound.certify_dataset(net, [(x[rank::size], y[rank::size])], distributed=False,
@@ -291,6 +312,19 @@ def test_distributed_false_certifies_the_local_loader(ranks, single):
     for res in ranks:
         _assert_identical(res["local"], single["cert"])  # each rank's loader has everything
         assert res["local_rows"] == N
+
+
+@pytest.mark.skipif(not HAS_SKLEARN, reason="the digits data set needs scikit-learn")
+def test_cli_certify_under_torchrun_reports_once_what_one_process_reports(ranks, tmp_path):
+    code, printed, record = _cli(tmp_path / "one.json")
+    assert code == 0 and record["samples"] == 60
+    (c0, p0, r0), (c1, p1, r1) = ranks[0]["cli"], ranks[1]["cli"]
+    assert c0 == c1 == 0
+    assert r0 == record and r1 is None  # the same numbers, written once
+    assert p1 == ""
+    timing = re.compile(r"; [0-9.]+ s$", re.M)  # the wall time differs, and the JSON's name
+    assert "wrote " in p0 and "60 test images" in p0
+    assert timing.sub("", p0).split("wrote ")[0] == timing.sub("", printed).split("wrote ")[0]
 
 
 def test_gather_certificate_concatenates_user_shards_in_rank_order(ranks):
