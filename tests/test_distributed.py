@@ -9,7 +9,7 @@ module fixture; the tests compare what each rank saw with a single-process run i
 - training: a few DDP steps with the curvature bound of ``ddp.module`` as a penalty keep the
   ranks' parameters, power-iteration vectors and penalties identical, and equal (to float32
   rounding) to one process training on the union of the two shards; the same with
-  ``curvbound.CurvaturePenalty`` (issue 11) where it exists.
+  ``curvbound.CurvaturePenalty`` on the DDP model.
 """
 
 from __future__ import annotations
@@ -217,8 +217,8 @@ def _worker(rank: int, size: int, port: int, out: str) -> None:
     bf = trained.pop("bf")
     res["train"] = trained
     res["in_sync"] = cdist.in_sync(ddp.module, bf)
-    if hasattr(curvbound, "CurvaturePenalty"):  # issue 11's penalty (unwraps the DDP model)
-        res["penalty"] = _train_penalty(nn.parallel.DistributedDataParallel(_net()), rank, size)
+    # issue 11's penalty (it unwraps the DDP model itself)
+    res["penalty"] = _train_penalty(nn.parallel.DistributedDataParallel(_net()), rank, size)
     if rank == 1:  # a drifted vector is detected, and broadcast_bound repairs it
         with torch.no_grad():
             next(iter(bf.buffers())).mul_(-1)
@@ -379,8 +379,6 @@ def test_ddp_training_matches_one_process_on_the_union(ranks):
                                                                  ref["penalties"]))
 
 
-@pytest.mark.skipif(not hasattr(curvbound, "CurvaturePenalty"),
-                    reason="curvbound.CurvaturePenalty (issue 11) is not on this branch yet")
 def test_ddp_training_with_curvature_penalty_keeps_ranks_identical(ranks):
     a, b = ranks[0]["penalty"], ranks[1]["penalty"]
     for k in a["params"]:
