@@ -62,6 +62,7 @@ from ..compiler.trace import unwrap_model
 from ..pipeline import compile as compile_bound
 from ..runtime.margins import _Context
 from .anchored import Capture, anchor_state
+from .distributed import sharded
 
 __all__ = [
     "Certificate",
@@ -633,6 +634,7 @@ def certify(
     return cert(x, y)
 
 
+@sharded
 def certify_dataset(
     model: nn.Module,
     loader: Iterable,
@@ -644,12 +646,18 @@ def certify_dataset(
     method: str = "compositional",
     limit: int | None = None,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> Certificate:
     """Certify a dataset batch by batch and return the concatenated :class:`Certificate`.
 
     ``loader`` yields ``(x, y)`` pairs or bare ``x`` batches (a ``DataLoader`` or any iterable);
     the bound is compiled once from the first batch. ``limit`` stops after that many samples;
     ``progress`` prints a one-line progress report on stderr.
+
+    Under ``torch.distributed`` (a process group of several ranks, or a process started by
+    torchrun) each rank certifies every W-th batch of the same loader and every rank returns the
+    whole certificate, equal to a single-process run (``distributed=False``: only what the local
+    loader yields); see :mod:`curvbound.apps.distributed` and docs/distributed.md.
     """
     certifier: Certifier | None = None
     parts: list[Certificate] = []
