@@ -18,6 +18,9 @@ __all__ = [
     "NonSmoothError",
     "MethodCoverageError",
     "DiscontinuityError",
+    "StaleBoundError",
+    "RegistrationError",
+    "SerializationError",
 ]
 
 
@@ -35,11 +38,17 @@ class MissingRule:
     module_path: str | None
     hint: str
     reason: str = "no rule is registered for it"
+    #: what users know the node as: module path and type, ``layers.3 (MyAct)``
+    label: str = ""
 
     def describe(self) -> str:
-        where = f" (module path '{self.module_path}')" if self.module_path else ""
+        if self.label:
+            head = f"- {self.label} [fx node '{self.node}']: {self.op} {self.target}"
+        else:
+            where = f" (module path '{self.module_path}')" if self.module_path else ""
+            head = f"- node '{self.node}': {self.op} {self.target}{where}"
         return (
-            f"- node '{self.node}': {self.op} {self.target}{where}: {self.reason}.\n"
+            f"{head}: {self.reason}.\n"
             + "\n".join("      " + line for line in self.hint.splitlines())
         )
 
@@ -88,3 +97,22 @@ class DiscontinuityError(CurvboundError):
     """An activation's torch implementation switches formulas so far from the smooth function
     that no meaningful bound exists (e.g. ``nn.Softplus(threshold=1)`` jumps by 0.31 and its slope
     by 0.27 at βx = 1); the node and the fix are named."""
+
+
+class StaleBoundError(CurvboundError):
+    """The model's structure changed since compile (a submodule replaced, a parameter object
+    swapped or reshaped): the compiled bound describes the old model. Call ``bf.recompile()``.
+
+    Changing parameter *values* (optimiser steps, ``load_state_dict``, in-place edits) is not a
+    structural change: the bound reads them live.
+    """
+
+
+class RegistrationError(CurvboundError, ValueError):
+    """A rule or constant given to the registry is unusable (negative, NaN or infinite
+    constants, a value that is not a rule)."""
+
+
+class SerializationError(CurvboundError):
+    """A bound function could not be saved or loaded (unpicklable per-call rules, a saved state
+    that does not match the recompiled bound)."""
