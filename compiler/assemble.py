@@ -19,7 +19,7 @@ from torch import fx, nn
 
 from .context import Refiner, RuleContext, Transfer, curvature_symbol, lipschitz_symbol
 from .errors import (
-    CurvboundError,
+    DiscontinuityError,
     InputError,
     MissingRule,
     RuleError,
@@ -261,8 +261,8 @@ def propagate(
             except Decline as d:
                 reasons.append(f"{rule_name(fn)}: {d}")
                 result = None
-            except CurvboundError:
-                raise  # a library error already names the node and what to do
+            except DiscontinuityError:
+                raise  # names the node and the fix already (torch's softplus threshold)
             except Exception as exc:
                 raise RuleError(
                     f"rule {rule_name(fn)} failed on {node_label(node)} (fx node '{node.name}', "
