@@ -81,3 +81,8 @@ class NonSmoothError(CurvboundError):
 
 class MethodCoverageError(CurvboundError):
     """The requested method ("paper", "crt") does not cover this graph; the node is named."""
+
+
+class ResourceError(CurvboundError):
+    """The compile would need more memory than is available; raised before the work starts,
+    naming the layer, the estimate and what to do."""
