@@ -162,8 +162,12 @@ class BoundFunction(nn.Module):
                 q.step(steps)
             return steps
 
+        # quantities without iteration state (e.g. the eigenvalue of a block norm) once
+        static = {id(q): q() for q in self.modules() if isinstance(q, Quantity) and q.static}
+
         def bound() -> tuple[float, float]:
-            out = self.forward()
+            with shared_evaluation(static):
+                out = self.forward()
             return float(out.lipschitz), float(out.curvature)
 
         report = converge(norms, bound, tol=tol, max_steps=max_steps, progress=progress)

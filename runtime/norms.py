@@ -34,12 +34,13 @@ _SHARED: ContextVar[dict[int, object] | None] = ContextVar("curvbound_shared", d
 
 
 @contextmanager
-def shared_evaluation() -> Iterator[None]:
+def shared_evaluation(known: dict[int, object] | None = None) -> Iterator[None]:
     """Inside the block every :class:`Quantity` called without arguments is evaluated once and
     its value (the same tensor, with its autograd graph) shared by every later call: the
     generated code and each LipLT factor read the same product norms, which were otherwise
     recomputed by every reader. Parameters must not change inside the block; nested blocks
-    share the outer one. :meth:`BoundFunction.forward` opens one per call.
+    share the outer one. :meth:`BoundFunction.forward` opens one per call. ``known`` pre-sets
+    values by ``id(quantity)`` (the convergence loop evaluates ``static`` quantities once).
 
     >>> from curvbound.runtime.operators import Dense
     >>> W = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
@@ -52,7 +53,7 @@ def shared_evaluation() -> Iterator[None]:
     if _SHARED.get() is not None:
         yield
         return
-    token = _SHARED.set({})
+    token = _SHARED.set(dict(known or {}))
     try:
         yield
     finally:
@@ -66,6 +67,9 @@ class Quantity(nn.Module):
 
     certified: bool = False
     note: str = ""
+    #: True when the value does not depend on power-iteration state (only on the parameters):
+    #: the convergence loop of ``bf.refresh()`` then evaluates it once
+    static: bool = False
 
     def __call__(self, *args, **kwargs):
         memo = _SHARED.get()
@@ -85,6 +89,8 @@ class Quantity(nn.Module):
 
 class Constant(Quantity):
     """A fixed number (an exact constant or a certified one computed once)."""
+
+    static = True
 
     def __init__(self, value: float, certified: bool = True, label: str = ""):
         super().__init__()
