@@ -2,10 +2,11 @@
 
 Every estimated :class:`~curvbound.runtime.norms.Norm` is advanced by cycles of Lanczos on AᵀA
 started from its warm vector u (full reorthogonalisation, float64 bookkeeping), restarted from the
-top Ritz vector; ‖A u‖ never decreases (u lies in the Krylov space) and stays an estimate **from
-below**. Work is batched: all products of one segment share one sweep of the segment's layers per
-step (:meth:`~curvbound.runtime.products.Segment._gram`), and the bookkeeping of all vectors of
-the same size in a group is a handful of batched tensor operations rather than per-vector loops.
+top Ritz vector after one more power step (free from the Lanczos relation); ‖A u‖ never
+decreases (u lies in the Krylov space) and stays an estimate **from below**. Work is batched:
+all products of one segment share one sweep of the segment's layers per step
+(:meth:`~curvbound.runtime.products.Segment._gram`), and the bookkeeping of all vectors of one
+size is a handful of batched tensor operations rather than per-vector loops.
 
 Convergence is judged on the **bound**, not on a step budget: after each cycle the caller's
 ``bound()`` is evaluated and iteration stops when its values change by at most ``tol``
@@ -118,6 +119,7 @@ def _cycle(groups: list[_Group], length: int, rtol: float) -> None:
     alphas: dict[int, list[Tensor]] = {n: [] for n in index}
     betas: dict[int, list[Tensor]] = {n: [] for n in index}
     ok = {n: torch.ones(len(ks), dtype=torch.bool) for n, ks in index.items()}
+    tails: dict[int, Tensor] = {}
     settled: set[int] = set()
     for step in range(length):
         xs: list[Tensor] = [torch.empty(0)] * len(live)
@@ -136,11 +138,12 @@ def _cycle(groups: list[_Group], length: int, rtol: float) -> None:
             v = basis[n][-1]
             a = (v * w).sum(dim=1)
             alphas[n].append(a)
-            if step == length - 1:
-                continue
             stack = torch.stack(basis[n], dim=1)  # (k, s, n)
             for _ in range(2):  # full reorthogonalisation, twice is enough
                 w = w - torch.einsum("ks,ksn->kn", torch.einsum("ksn,kn->ks", stack, w), stack)
+            if step == length - 1:
+                tails[n] = w  # β_s·v_{s+1}: the restart gets one power step for free
+                continue
             b = w.norm(dim=1)
             # an invariant subspace (b ≈ 0): the next vectors are zero and decouple in T
             alive = b > 1e-12 * a.abs().clamp_min(1e-300)
@@ -156,6 +159,9 @@ def _cycle(groups: list[_Group], length: int, rtol: float) -> None:
         vals, vecs = torch.linalg.eigh(t)
         theta, y = vals[:, -1], vecs[:, :, -1]
         u = torch.einsum("ks,ksn->kn", y, torch.stack(basis[n][:s], dim=1))
+        # B·(Vy) = θ·Vy + β_s·y_s·v_{s+1} (the Lanczos relation): restart from one power step
+        # on the Ritz vector, whose Rayleigh quotient is not lower (B is PSD)
+        u = theta[:, None] * u + y[:, -1:] * tails[n]
         norm = u.norm(dim=1)
         good = (ok[n] & torch.isfinite(norm) & (norm > 0)).tolist()
         rose = (theta - alphas[n][0] > rtol * theta.abs()).tolist()
