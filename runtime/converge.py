@@ -112,10 +112,12 @@ def _cycle(groups: list[_Group], length: int, rtol: float) -> None:
     index: dict[int, list[int]] = {}
     for k, v in enumerate(flat):
         index.setdefault(v.numel(), []).append(k)
-    basis = {}
+    # the Krylov basis of every size n in one preallocated (k, length, n) float64 buffer
+    basis: dict[int, Tensor] = {}
     for n, ks in index.items():
         v = torch.stack([flat[k] for k in ks])
-        basis[n] = [v / v.norm(dim=1, keepdim=True).clamp_min(1e-300)]
+        basis[n] = v.new_zeros(len(ks), length, n)
+        basis[n][:, 0] = v / v.norm(dim=1, keepdim=True).clamp_min(1e-300)
     alphas: dict[int, list[Tensor]] = {n: [] for n in index}
     betas: dict[int, list[Tensor]] = {n: [] for n in index}
     ok = {n: torch.ones(len(ks), dtype=torch.bool) for n, ks in index.items()}
@@ -125,7 +127,7 @@ def _cycle(groups: list[_Group], length: int, rtol: float) -> None:
         xs: list[Tensor] = [torch.empty(0)] * len(live)
         for n, ks in index.items():
             for row, k in enumerate(ks):
-                xs[k] = basis[n][-1][row].reshape(live[k].u.shape)
+                xs[k] = basis[n][row, step].reshape(live[k].u.shape)
         ws: list[Tensor] = []
         for g, lo, hi in spans:
             if hi > lo:
@@ -135,12 +137,12 @@ def _cycle(groups: list[_Group], length: int, rtol: float) -> None:
             finite = torch.isfinite(w).all(dim=1)
             ok[n] &= finite
             w = torch.where(finite[:, None], w, torch.zeros_like(w))
-            v = basis[n][-1]
-            a = (v * w).sum(dim=1)
+            a = (basis[n][:, step] * w).sum(dim=1)
             alphas[n].append(a)
-            stack = torch.stack(basis[n], dim=1)  # (k, s, n)
+            filled = basis[n][:, : step + 1]  # (k, s, n)
             for _ in range(2):  # full reorthogonalisation, twice is enough
-                w = w - torch.einsum("ks,ksn->kn", torch.einsum("ksn,kn->ks", stack, w), stack)
+                coef = torch.bmm(filled, w[:, :, None]).transpose(1, 2)  # (k, 1, s)
+                w = torch.baddbmm(w[:, None, :], coef, filled, alpha=-1)[:, 0]
             if step == length - 1:
                 tails[n] = w  # β_s·v_{s+1}: the restart gets one power step for free
                 continue
@@ -149,7 +151,8 @@ def _cycle(groups: list[_Group], length: int, rtol: float) -> None:
             alive = b > 1e-12 * a.abs().clamp_min(1e-300)
             b = torch.where(alive, b, torch.zeros_like(b))
             betas[n].append(b)
-            basis[n].append(torch.where(alive[:, None], w / b.clamp_min(1e-300)[:, None], 0.0))
+            basis[n][:, step + 1] = torch.where(alive[:, None], w / b.clamp_min(1e-300)[:, None],
+                                                0.0)
     for n, ks in index.items():
         s = len(alphas[n])
         t = torch.diag_embed(torch.stack(alphas[n], dim=1))
@@ -158,7 +161,7 @@ def _cycle(groups: list[_Group], length: int, rtol: float) -> None:
             t = t + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
         vals, vecs = torch.linalg.eigh(t)
         theta, y = vals[:, -1], vecs[:, :, -1]
-        u = torch.einsum("ks,ksn->kn", y, torch.stack(basis[n][:s], dim=1))
+        u = torch.bmm(y[:, None, :], basis[n][:, :s])[:, 0]
         # B·(Vy) = θ·Vy + β_s·y_s·v_{s+1} (the Lanczos relation): restart from one power step
         # on the Ritz vector, whose Rayleigh quotient is not lower (B is PSD)
         u = theta[:, None] * u + y[:, -1:] * tails[n]
