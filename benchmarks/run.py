@@ -170,12 +170,14 @@ def _machine() -> str:
 def _fmt(v, unit="s") -> str:
     if v is None:
         return "—"
-    return f"{v:.2f} {unit}" if unit else f"{v:,}"
+    if unit:
+        return f"{v:.2f} {unit}"
+    return f"{v:,}" if isinstance(v, int) else f"{v:.2f}×"
 
 
 def _table(results: dict, baseline: str | None) -> str:
     cur, base = results["current"], results.get("baseline", {})
-    head = "| what | " + (f"baseline `{baseline}` | " if baseline else "") + "now | ratio |"
+    head = "| what | " + (f"baseline `{baseline}` | " if baseline else "") + "now | now/baseline |"
     lines = [head, "|---|" + ("---|" if baseline else "") + "---|---|"]
 
     def row(what, key, task, unit="s"):
@@ -186,8 +188,9 @@ def _table(results: dict, baseline: str | None) -> str:
         if baseline:
             cells.append(b.get("error") or _fmt(bv, unit))
         cells.append(c.get("error") or _fmt(cv, unit))
-        ratio = f"{bv / cv:.1f}× faster" if (bv and cv and unit) else (
-            f"{cv / bv:.2f}×" if (bv and cv) else "")
+        ratio = ""
+        if bv and cv:
+            ratio = f"{cv / bv:.2f}"
         cells.append(ratio)
         lines.append("| " + " | ".join(cells) + " |")
 

@@ -139,3 +139,12 @@ def test_resource_check_names_the_layer_before_any_work():
     check_resources(model, "estimate", available=10**9)  # enough: no error
     with pytest.raises(ResourceError, match="norms='certified'"):
         check_resources(model, "certified", available=300_000)
+
+
+def test_refresh_with_a_progress_bar_reaches_the_same_estimates():
+    pytest.importorskip("tqdm")
+    model = zoo.mlp([5, 16, 16, 3], nn.Tanh)
+    a = curvbound.compile(model, torch.zeros(1, 5), refresh=False)
+    b = curvbound.compile(model, torch.zeros(1, 5), refresh=False)
+    assert a.refresh(progress=True) == b.refresh(progress=False) > 0
+    assert torch.equal(a().curvature, b().curvature)
