@@ -73,12 +73,14 @@ class _Group:
     def __init__(self, members: list[Norm], segment: Segment | None):
         self.members, self.segment = members, segment
         self.active = list(members)
+        # the operators' dtype once (reading it may materialise a derived weight)
+        self.dtypes = {id(m): m._dtype() for m in members} if segment is None else {}
 
     def gram(self, live: list[Norm], xs: list[Tensor]) -> list[Tensor]:
         if self.segment is not None:
             return self.segment._gram(live, xs)  # one sweep of the layers, one backward
         with torch.no_grad():
-            return [m.op.gram(x.to(m._dtype())) for m, x in zip(live, xs)]
+            return [m.op.gram(x.to(self.dtypes[id(m)])) for m, x in zip(live, xs)]
 
     def cost(self) -> float:
         return sum(2.0 * apply_cost(m.op) for m in self.members)
