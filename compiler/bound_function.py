@@ -15,7 +15,8 @@ import sympy
 import torch
 from torch import Tensor, fx, nn
 
-from ..runtime.norms import Norm, Quantity
+from ..runtime.converge import converge
+from ..runtime.norms import Norm, Quantity, shared_evaluation
 from . import report
 from .errors import (
     InputError,
@@ -263,6 +264,7 @@ class BoundFunction(nn.Module):
         self.error_code: str = ""
         self._error_factors: dict[str, float] = {}
         self._twins: dict[str, Callable] = {}
+        self.last_convergence = None  # set by refresh() without steps (runtime/converge.py)
 
     @property
     def model(self) -> nn.Module:
@@ -429,7 +431,8 @@ class BoundFunction(nn.Module):
             if refresh:
                 self.refresh(refresh)
             q = {k: v for k, v in self.quantities.items()}
-            L, M, nodes = self._fn(q)
+            with shared_evaluation():  # every quantity evaluated once per call (runtime/norms)
+                L, M, nodes = self._fn(q)
         except (ValueError, RuntimeError) as exc:  # e.g. a certified SVD of a NaN matrix
             self._check_params(exc)
             raise
@@ -505,29 +508,40 @@ class BoundFunction(nn.Module):
         return self._node_certified.get(name, False)
 
     @torch.no_grad()
-    def refresh(self, steps: int | None = None, *, tol: float = 1e-6, max_steps: int = 2000) -> int:
+    def refresh(
+        self,
+        steps: int | None = None,
+        *,
+        tol: float = 1e-6,
+        max_steps: int = 2000,
+        progress: bool | None = None,
+    ) -> int:
         """Advance the warm-started power iterations.
 
-        ``steps=k`` runs exactly k steps; ``steps=None`` iterates until every estimate changes by
-        less than ``tol`` (relative) over 10 steps, at most ``max_steps``. Returns the steps run.
+        ``steps=k`` runs exactly k steps of every estimate. ``steps=None`` converges them
+        (:func:`~curvbound.runtime.converge.converge`): batched restarted Lanczos cycles until
+        the output's L and M change by at most ``tol`` (relative) over a cycle, at most
+        ``max_steps`` steps (a warning says so when that is reached first); a progress bar
+        (tqdm) appears after a second or two, or always with ``progress=True``. The estimates
+        stay from below. Returns the steps run; ``self.last_convergence`` holds the report.
         """
         norms = [q for q in self.quantities.values() if isinstance(q, Norm) and not q.certified]
         if steps is not None:
             for q in norms:
                 q.step(steps)
             return steps
-        done = 0
-        active = list(norms)
-        while active and done < max_steps:
-            before = [float(q()) for q in active]
-            for q in active:
-                q.step(10)
-            after = [float(q()) for q in active]
-            done += 10
-            active = [
-                q for q, a, b in zip(active, before, after) if abs(b - a) > tol * max(abs(b), 1e-30)
-            ]
-        return done
+
+        # quantities without iteration state (e.g. the eigenvalue of a block norm) once
+        static = {id(q): q() for q in self.modules() if isinstance(q, Quantity) and q.static}
+
+        def bound() -> tuple[float, float]:
+            with shared_evaluation(static):
+                out = self.forward()
+            return float(out.lipschitz), float(out.curvature)
+
+        report = converge(norms, bound, tol=tol, max_steps=max_steps, progress=progress)
+        self.last_convergence = report
+        return report.steps
 
     # -- views ----------------------------------------------------------------------------------
     def _latest(self) -> Bounds:

@@ -33,12 +33,25 @@ __all__ = [
 METHODS = ("naive", "compositional", "paper", "crt")
 
 
+#: Nonnegative symbols by name: sympy's own symbol cache is a bounded LRU, and past a few
+#: thousand names (deep networks) every creation missed it and re-derived the assumptions.
+_SYMBOLS: dict[str, sympy.Symbol] = {}
+
+
+def nonnegative_symbol(name: str) -> sympy.Symbol:
+    """``sympy.Symbol(name, nonnegative=True)`` (the same object: equal, hashed alike), memoised."""
+    sym = _SYMBOLS.get(name)
+    if sym is None:
+        sym = _SYMBOLS[name] = sympy.Symbol(name, nonnegative=True)
+    return sym
+
+
 def lipschitz_symbol(name: str) -> sympy.Symbol:
-    return sympy.Symbol(f"L_{name}", nonnegative=True)
+    return nonnegative_symbol(f"L_{name}")
 
 
 def curvature_symbol(name: str) -> sympy.Symbol:
-    return sympy.Symbol(f"M_{name}", nonnegative=True)
+    return nonnegative_symbol(f"M_{name}")
 
 
 @dataclass(frozen=True)
@@ -259,7 +272,7 @@ class RuleContext:
     # -- building transfers ---------------------------------------------------------------------
     def symbol(self, kind: str) -> sympy.Symbol:
         """A quantity symbol named after this node, e.g. ``norm_fc1``."""
-        return sympy.Symbol(f"{kind}_{self.node.name}", nonnegative=True)
+        return nonnegative_symbol(f"{kind}_{self.node.name}")
 
     def norm(self, op: LinearOperator, kind: str = "norm") -> tuple[sympy.Symbol, Norm]:
         """A spectral-norm quantity of ``op`` in this compile's norm mode, and its symbol."""

@@ -99,6 +99,11 @@ class DiscontinuityError(CurvboundError):
     by 0.27 at βx = 1); the node and the fix are named."""
 
 
+class ResourceError(CurvboundError):
+    """The compile would need more memory than is available; raised before the work starts,
+    naming the layer, the estimate and what to do."""
+
+
 class StaleBoundError(CurvboundError):
     """The model's structure changed since compile (a submodule replaced, a parameter object
     swapped or reshaped): the compiled bound describes the old model. Call ``bf.recompile()``.

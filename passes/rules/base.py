@@ -12,6 +12,7 @@ from torch import fx
 
 from ...compiler.context import Elementwise, RuleContext, Transfer
 from ...compiler.errors import RegistrationError
+from ...compiler.exprs import smin
 from ...compiler.naming import node_label
 from ...compiler.registry import DEFAULT_REGISTRY
 from ...runtime.operators import FunctionOperator, Reshape, Scalar
@@ -164,7 +165,7 @@ def elementwise_transfer(
                 quantities = ctx.anchor.row_norm(ctx, u, record, sym, q, op)
             own = sym * ctx.L(prod.source) ** 2
             if ctx.method == "compositional":
-                own = sympy.Min(ctx.L(u) ** 2, own, evaluate=False)  # both are valid
+                own = smin(ctx.L(u) ** 2, own)  # both are valid (not compared: costly)
             M = c * own + a * ctx.M(u)
             return Transfer(
                 L,
