@@ -21,6 +21,7 @@ __all__ = [
     "StaleBoundError",
     "RegistrationError",
     "SerializationError",
+    "ResourceError",
 ]
 
 
