@@ -123,12 +123,29 @@ class PairScaledRows:
 
     p = 1: the scalar block's vectorised-Jacobian norm ‖Â_c‖ = ‖diag(c̃)W‖ (theory §3 (c) with
     G → cᵀG); p = ½: Singla & Feizi's ‖diag(√|c̃|)W‖² (theory §5), valid for scalar outputs only.
+    ``signs`` = (w₊, w₋) replaces |c̃| by the one-sided weights w₊·c̃⁺ + w₋·c̃⁻ (c̃⁺ = max(c̃, 0),
+    c̃⁻ = max(−c̃, 0)), for the one-sided bounds of :class:`Margins` (``neg_curvature``).
     """
 
     def __init__(self, G: LinearOperator, W: LinearOperator, power: float, *,
-                 whole: Any = None, w_norm: Any = None):
+                 whole: Any = None, w_norm: Any = None,
+                 signs: tuple[float, float] | None = None):
         self.G, self.W, self.power = G, W, float(power)
         self.whole, self.w_norm = whole, w_norm  # quantities ‖Â‖ and ‖W‖ for the cheap bound
+        self.signs = None if signs is None else (float(signs[0]), float(signs[1]))
+
+    def _weights(self, ctx: _Context, r: Tensor, sl: slice) -> Tensor:
+        """|c̃| (or the one-sided weights) of the pairs ``sl``, rounded up in certified mode. The
+        rows are exact, so the computed c̃ has the sign of the exact one (IEEE subtraction)."""
+        diff = r[ctx.i[sl]] - r[ctx.j[sl]]
+        if self.signs is None:
+            c = diff.abs()
+        else:
+            wp, wn = self.signs
+            c = diff.clamp_min(0) * wp + (-diff).clamp_min(0) * wn
+        if ctx.certified:
+            c = c * (1 + 16 * _U)  # the subtraction, the weights and the entries' own rounding
+        return c
 
     def pairs(self, ctx: _Context) -> Tensor:
         r = ctx.rows(self.G)  # (K, m): row k = Gᵀe_k (exact: G has one factor)
@@ -144,9 +161,7 @@ class PairScaledRows:
             e_t = torch.linalg.matrix_norm(e_t)
         out = torch.empty(len(ctx.i), dtype=torch.float64)
         for sl in ctx.chunks(m * m):
-            c = (r[ctx.i[sl]] - r[ctx.j[sl]]).abs()
-            if ctx.certified:
-                c = c * (1 + 16 * _U)  # the subtraction and the entries' own rounding
+            c = self._weights(ctx, r, sl)
             d = c**self.power
             if ctx.certified:
                 d = d * (1 + 4 * _U)
@@ -170,9 +185,7 @@ class PairScaledRows:
         n = len(ctx.i)
         out = torch.empty(n, dtype=torch.float64)
         for sl in ctx.chunks(r.shape[1]):
-            c = (r[ctx.i[sl]] - r[ctx.j[sl]]).abs()
-            if ctx.certified:
-                c = c * (1 + 16 * _U)
+            c = self._weights(ctx, r, sl)
             d = c**self.power
             if ctx.certified:
                 d = d * (1 + 4 * _U)
@@ -236,13 +249,17 @@ class MarginFold:
 
     ``fold`` maps each quantity symbol of the node's expressions that depends on G to its per-pair
     computation; ``extra`` maps a ``sympy.Min`` of the curvature expression to further arguments
-    valid for scalar outputs only (Singla & Feizi's block bound).
+    valid for scalar outputs only (Singla & Feizi's block bound). ``lower`` and ``upper`` map a
+    ``sympy.Min`` to further arguments valid only for the one-sided bounds K with
+    ∇²(cᵀf) ⪰ −K·I (``lower``) or ∇²(cᵀf) ⪯ K·I (``upper``) (see :class:`Margins`).
     """
 
     op: LinearOperator
     fold: Mapping[sympy.Symbol, Any]
     extra: Mapping[sympy.Expr, tuple[sympy.Expr, ...]] = field(default_factory=dict)
     note: str = ""
+    lower: Mapping[sympy.Expr, tuple[sympy.Expr, ...]] = field(default_factory=dict)
+    upper: Mapping[sympy.Expr, tuple[sympy.Expr, ...]] = field(default_factory=dict)
 
 
 @dataclass
@@ -250,9 +267,34 @@ class Margins:
     """Bounds on every logit difference f_i − f_j of a K-class model (ℓ2 norms).
 
     ``lipschitz[i, j]`` and ``curvature[i, j]`` bound the Lipschitz constant of f_i − f_j and of
-    its gradient (K×K float64 tensors, symmetric, zero diagonal). ``certified`` is True exactly
-    when every number that entered them is a guaranteed bound. ``pairwise`` is False when the
-    fallback √2·(global bound) was used (``note`` says why); ``method`` is the compile method.
+    its gradient (K×K float64 tensors, symmetric, zero diagonal). ``neg_curvature[i, j]`` is a
+    one-sided bound: K with ∇²(f_i − f_j) ⪰ −K·I, i.e. (∇φ(x) − ∇φ(x'))ᵀ(x − x') ≥ −K‖x − x'‖²
+    for φ = f_i − f_j (not symmetric; ``pos_curvature = neg_curvature.T`` bounds the Hessian from
+    above); always ≤ ``curvature`` (a two-sided bound is a one-sided one). ``certified`` is True
+    exactly when every number that entered them is a guaranteed bound. ``pairwise`` is False
+    when the fallback √2·(global bound) was used (``note`` says why); ``method`` is the compile
+    method.
+
+    **One-sided bounds** (the final block of a scalar margin; theory §5). Let the output be
+    f = G·σ(u) + g₀ with u = W z + b, z = z(x) the rest of the network, σ a C² activation with
+    proven a ≤ σ'' ≤ b, h = max(−a, b), and c = e_i − e_j, c̃ = Gᵀc, φ = cᵀf. By the chain rule
+
+        ∇²φ = Dzᵀ Wᵀ diag(c̃ ⊙ σ''(u)) W Dz  +  Σ_k v_k ∇²z_k,   v = Wᵀ diag(σ'(u)) c̃.   (T₁ + T₂)
+
+    T₁: entrywise c̃ⱼσ''(uⱼ) ≥ −(c̃ⱼ⁺(−a) + c̃ⱼ⁻b) =: −dⱼ (c̃ⱼ ≥ 0 meets σ'' ≥ a, c̃ⱼ < 0 meets
+    σ'' ≤ b), so T₁ ⪰ −Dzᵀ Wᵀ diag(d) W Dz ⪰ −‖diag(√d) W‖²·L_z²·I, as ‖W Dz v‖... precisely
+    vᵀDzᵀWᵀdiag(d)WDz v = ‖diag(√d) W Dz v‖² ≤ ‖diag(√d)W‖²‖Dz‖²‖v‖² and ‖Dz‖ ≤ L_z. Likewise
+    T₁ ⪯ ‖diag(√d′)W‖²L_z²·I with d′ⱼ = c̃ⱼ⁺b + c̃ⱼ⁻(−a). For softplus (a = 0) only the entries
+    of c̃ of one sign enter. T₂ has no sign structure: σ' > 0 multiplies the curvature of the
+    inner network z, whose Hessians ∇²z_k are indefinite in general, so T₂ is bounded
+    two-sidedly, ‖T₂‖ ≤ ‖v‖·M_z = sup_{‖w‖=1} |vᵀ D²z[w, w]| with ‖v‖ ≤ the block's Lipschitz
+    bound (the chain-rule and loop-transformation terms of the two-sided bound, unchanged).
+    Hence ∇²φ ⪰ −(h·‖diag(√(d/h))W‖²·L_z² + ‖T₂‖-bound)·I: the two-sided expression with the
+    Singla–Feizi argument ‖diag(√|c̃|)W‖² of its ``Min`` joined by ‖diag(√(d/h))W‖²
+    (:class:`PairScaledRows` with ``signs``), each a valid bound, so the minimum is one. For a
+    2-layer network (z = x: L_z = 1, M_z = 0) this is exactly −h·λ_max(Wᵀdiag(c̃⁻)W) for
+    softplus. Where the output rule recorded no one-sided terms (σ'' of both signs, e.g. tanh,
+    other methods, other output nodes) ``neg_curvature`` equals ``curvature``.
     """
 
     lipschitz: Tensor
@@ -261,6 +303,16 @@ class Margins:
     pairwise: bool
     method: str
     note: str = ""
+    neg_curvature: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.neg_curvature is None:
+            self.neg_curvature = self.curvature.clone()
+
+    @property
+    def pos_curvature(self) -> Tensor:
+        """K with ∇²(f_i − f_j) ⪯ K·I at [i, j] (= ``neg_curvature[j, i]``)."""
+        return self.neg_curvature.T
 
     @property
     def classes(self) -> int:
@@ -345,8 +397,16 @@ def margins(bf) -> Margins:
     )
     lip = _evaluate(lip_expr, values).expand(len(ctx.i))
     curv = _evaluate(curv_expr, values).expand(len(ctx.i))
-    if certified:  # the float64 arithmetic of the two expressions, bounded as in compiler/rounding
-        for expr, name in ((lip_expr, "lip"), (curv_expr, "curv")):
+    sides = {}
+    for key, more in (("lower", fold.lower), ("upper", fold.upper)):
+        if more:
+            sides[key] = out_info.curvature.xreplace({
+                m: sympy.Min(*m.args, *fold.extra.get(m, ()), *more.get(m, ()), evaluate=False)
+                for m in {*fold.extra, *more}
+            })
+    side_vals = {key: _evaluate(e, values).expand(len(ctx.i)) for key, e in sides.items()}
+    if certified:  # the float64 arithmetic of the expressions, bounded as in compiler/rounding
+        for expr, name in ((lip_expr, "lip"), (curv_expr, "curv"), *[(e, k) for k, e in sides.items()]):
             e = rounding_exponent(expr, {})
             if e is None:
                 certified = False
@@ -354,10 +414,19 @@ def margins(bf) -> Margins:
             f = rounding_factor(e)
             if name == "lip":
                 lip = lip * f
-            else:
+            elif name == "curv":
                 curv = curv * f
+            else:
+                side_vals[name] = side_vals[name] * f
     note = fold.note or f"c = e_i − e_j folded into '{bf.output}'"
-    return Margins(_square(lip, k), _square(curv, k), certified, True, bf.method, note)
+    square = _square(curv, k)
+    neg = square.clone()
+    i, j = ctx.i, ctx.j
+    if "lower" in side_vals:  # ∇²(f_i − f_j) ⪰ −K·I for i < j
+        neg[i, j] = torch.minimum(neg[i, j], side_vals["lower"])
+    if "upper" in side_vals:  # ∇²(f_i − f_j) ⪯ K·I, i.e. ∇²(f_j − f_i) ⪰ −K·I
+        neg[j, i] = torch.minimum(neg[j, i], side_vals["upper"])
+    return Margins(_square(lip, k), square, certified, True, bf.method, note, neg)
 
 
 def _classes(bf) -> int:

@@ -77,7 +77,9 @@ class Smoothness:
 
     ``slope`` ≥ sup|σ'|, ``curvature`` ≥ sup|σ''| (∞ when σ' is discontinuous), and
     ``slope_range[0]`` ≤ inf σ' ≤ sup σ' ≤ ``slope_range[1]``. When ``exact`` is true, all of these
-    are the exact values.
+    are the exact values. ``curvature_range``, when given, holds proven bounds
+    lo ≤ σ''(z) ≤ hi for every z of a C² activation (softplus: (0, β/4)); one-sided margin
+    curvature bounds (runtime/margins.py) use its sign structure. None: (−curvature, curvature).
     """
 
     name: str
@@ -90,6 +92,7 @@ class Smoothness:
     d1: Callable[[Tensor], Tensor]
     d2: Callable[[Tensor], Tensor] | None
     smooth: bool
+    curvature_range: tuple[sympy.Expr, sympy.Expr] | None = None
 
     @property
     def slope_float(self) -> float:
@@ -194,6 +197,7 @@ def _softplus(beta: float) -> Smoothness:
         f"softplus(beta={_fmt(beta)})", _ONE, b / 4, (_ZERO, _ONE), True, _SYMPY,
         lambda z: F.softplus(z, beta), lambda z: torch.sigmoid(beta * z),
         lambda z: beta * torch.sigmoid(beta * z) * torch.sigmoid(-beta * z), True,
+        (_ZERO, b / 4),  # σ'' = β·s(βz)·s(−βz) > 0: softplus is convex
     )  # fmt: skip
 
 
@@ -213,6 +217,7 @@ def _centered_softplus(beta: float) -> Smoothness:
     return Smoothness(
         f"centered_softplus(beta={_fmt(beta)})", s.slope, s.curvature, s.slope_range, True,
         "shift of softplus; " + s.method, lambda z: F.softplus(z, beta) - shift, s.d1, s.d2, True,
+        s.curvature_range,
     )  # fmt: skip
 
 
