@@ -406,7 +406,8 @@ def margins(bf) -> Margins:
             })
     side_vals = {key: _evaluate(e, values).expand(len(ctx.i)) for key, e in sides.items()}
     if certified:  # the float64 arithmetic of the expressions, bounded as in compiler/rounding
-        for expr, name in ((lip_expr, "lip"), (curv_expr, "curv"), *[(e, k) for k, e in sides.items()]):
+        todo = [(lip_expr, "lip"), (curv_expr, "curv"), *[(e, k) for k, e in sides.items()]]
+        for expr, name in todo:
             e = rounding_exponent(expr, {})
             if e is None:
                 certified = False

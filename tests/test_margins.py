@@ -146,7 +146,8 @@ def test_one_sided_softplus_two_layer_matches_the_exact_eigenvalue():
     valid K is at most ¼·λ_max(Wᵀdiag(c̃⁻)W) -- and the bound equals it (computed here directly)."""
     model = ONE_SIDED["softplus2"][0]().eval()
     W, G = model[0].weight.detach(), model[2].weight.detach()
-    m = curvbound.compile(model, torch.zeros(1, 5, dtype=torch.float64), norms="certified").margins()
+    x = torch.zeros(1, 5, dtype=torch.float64)
+    m = curvbound.compile(model, x, norms="certified").margins()
     assert m.certified and torch.equal(m.pos_curvature, m.neg_curvature.T)
     for i in range(4):
         for j in range(4):
