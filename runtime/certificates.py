@@ -68,6 +68,9 @@ __all__ = [
 ]
 
 _REL = 1e-9  # relative allowance for the float64 rounding of logits and gradients
+#: Certificates :func:`certify` can compute (module docstring): the paper's closed form with
+#: two-sided constants, the closed form with one-sided constants, and the convex (dual) one.
+SOLVERS = ("closed", "one-sided", "convex")
 _DOWN = 1 - 1e-12  # radii are rounded down by this factor
 
 
@@ -145,6 +148,8 @@ class Certificate:
     local: bool
     curvature_used: bool
     notes: list[str] = field(default_factory=list)
+    solver: str = "closed"
+    convex_radius: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.predicted)
@@ -185,7 +190,11 @@ class Certificate:
             if (self.curvature_used)
             else "Lipschitz only"
         )
-        head += f"; margins: {self.margin_source};\n{curv}; bounds {kind}"
+        solver = {"closed": "closed form", "one-sided": "one-sided closed form",
+                  "convex": "convex certificate"}.get(self.solver, self.solver)
+        if not self.curvature_used:
+            solver = "closed form"
+        head += f"; margins: {self.margin_source};\n{curv}; {solver}; bounds {kind}"
         rows = [("eps", "certified", "Lipschitz", "curvature", "attack bound", "gap")]
         for eps in eps_list:
             cert, up = self.certified_accuracy(eps), self.robust_accuracy_upper(eps)
@@ -267,8 +276,14 @@ class Certifier:
         norms: str = "certified",
         curvature: bool | None = None,
         method: str = "compositional",
+        solver: str = "convex",
+        convex_steps: tuple[int, int] = (14, 12),
     ):
         from ..compiler.compile import compile as compile_bound
+
+        if solver not in SOLVERS:
+            raise InputError(f"solver must be one of {', '.join(map(repr, SOLVERS))}, got {solver!r}")
+        self.solver, self.convex_steps = solver, tuple(convex_steps)
 
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -324,6 +339,7 @@ class Certifier:
         self._pairs(bf)
         names = anchor_state(bf).nodes if self.local else []
         self.capture = Capture(bf.gm, names)
+        self._plain: Capture | None = None
         self.anchored_pairs = _AnchoredPairs(bf) if self.local else None
 
     def _pairs(self, bf) -> None:
@@ -335,14 +351,18 @@ class Certifier:
         try:
             mg = bf.margins()
             lip, curv = mg.lipschitz.double(), mg.curvature.double()
+            neg = mg.neg_curvature.double()
             self.margin_source = "pairwise (bf.margins())" if mg.pairwise else mg.note
             self.certified = self.certified and bool(mg.certified)
         except Exception as exc:  # noqa: BLE001 - any failure falls back to the global bound
             lip = root2 * self.global_lipschitz * off
-            curv = root2 * self.global_curvature * off
+            curv = neg = root2 * self.global_curvature * off
             self.margin_source = f"√2·global bound (bf.margins() unavailable: {exc})"
         self.pair_lipschitz = lip
-        self.pair_curvature = curv if self.curvature_used else torch.full_like(curv, math.inf)
+        inf = torch.full_like(curv, math.inf)
+        self.pair_curvature = curv if self.curvature_used else inf
+        # neg[i, j]: ∇²(f_i − f_j) ⪰ −K·I (global, one-sided; ≤ the two-sided bound)
+        self.pair_neg_curvature = torch.minimum(neg, curv) if self.curvature_used else inf
 
     def __call__(self, x: Tensor, y: Tensor | None = None) -> Certificate:
         """Certificates for the batch ``x`` (labels ``y`` optional)."""
@@ -384,6 +404,14 @@ class Certifier:
         inf = torch.tensor(math.inf, dtype=torch.float64)
         lip = torch.where(is_p, inf, lip)
         curv = torch.where(is_p, inf, curv)
+        curv_att = curv
+        if self.solver != "closed":
+            # one-sided constants: ∇²(f_p − f_i) ⪰ −neg[p, i]·I bounds the certificate's quadratic
+            # model from below, ∇²(f_i − f_p) ⪰ −neg[i, p]·I the attack's
+            neg_cert = self.pair_neg_curvature[pred]
+            neg_att = self.pair_neg_curvature[:, pred].T
+            curv = torch.minimum(curv, torch.where(is_p, inf, neg_cert))
+            curv_att = torch.minimum(curv_att, torch.where(is_p, inf, neg_att))
         scale = logits.abs()
         slack = _REL * (scale + scale.gather(1, pred[:, None])) + 1e-300
         m_lo = torch.where(is_p, inf, (gaps - slack).clamp_min(0))
@@ -391,18 +419,22 @@ class Certifier:
         # certified radii
         r_lip = torch.where(is_p, inf, lipschitz_radius(m_lo, lip)).amin(dim=1) * _DOWN
         r_i = torch.where(is_p, inf, curvature_radius(m_lo, g_hi, curv))
+        correct = None if y is None else pred == y
+        convex = None
+        if self.solver == "convex" and self.curvature_used:
+            convex = self._convex(x64.detach(), pred, correct)
+            r_i = torch.maximum(r_i, torch.where(is_p, inf, convex[0]))
         r_curv = r_i.amin(dim=1) * _DOWN
         if not self.curvature_used:
             r_curv = torch.zeros_like(r_curv)
         radius = torch.maximum(r_lip, r_curv)
-        correct = None if y is None else pred == y
         if correct is not None:
             radius = torch.where(correct, radius, torch.zeros_like(radius))
         # attack certificates
         m_hi = gaps + slack
         g_lo = (g * (1 - _REL)).clamp_min(0)
-        t_star = torch.where(is_p, inf, attack_distance(m_hi, g_lo, curv))
-        root = torch.sqrt((g_lo * g_lo - 2 * curv * m_hi).clamp_min(0))
+        t_star = torch.where(is_p, inf, attack_distance(m_hi, g_lo, curv_att))
+        root = torch.sqrt((g_lo * g_lo - 2 * curv_att * m_hi).clamp_min(0))
         t_best, cls = t_star.min(dim=1)
         attacked = torch.isfinite(t_best)
         if correct is not None:
@@ -413,14 +445,25 @@ class Certifier:
         attack_class = torch.where(attacked, cls, torch.full_like(cls, -1))
         # the example: t = t* + s with s = 0.1·min(D/M, t*), where the lower model is ≥ 0.95·D·s
         d = root.gather(1, cls[:, None])[:, 0]
-        m_c = curv.gather(1, cls[:, None])[:, 0]
+        m_c = curv_att.gather(1, cls[:, None])[:, 0]
         s = 0.1 * torch.minimum(torch.where(m_c > 0, d / m_c.clamp_min(1e-300), inf), t_best)
         t_ex = torch.where(attacked, t_best + s, inf)
-        idx = attacked.nonzero()[:, 0]
-        direction = grads[cls[idx], idx].detach()
+        direction = grads[cls.clamp_min(0), torch.arange(b)].detach()
         norms = direction.flatten(1).norm(dim=1).clamp_min(1e-300)
         shape = (-1,) + (1,) * (direction.dim() - 1)
-        points = x64.detach()[idx] + (t_ex[idx] / norms).reshape(shape) * direction
+        all_points = x64.detach() + (torch.where(attacked, t_ex, 0) / norms).reshape(shape) * direction
+        if convex is not None:  # nearer adversarial points found by the convex solver
+            _, c_dist, c_point, c_cls = convex
+            use = c_dist < t_ex
+            if correct is not None:
+                use = use & correct
+            attack_radius = torch.where(use, c_dist, attack_radius)
+            attack_class = torch.where(use, c_cls, attack_class)
+            t_ex = torch.where(use, c_dist, t_ex)
+            all_points = torch.where(use.reshape(shape), c_point, all_points)
+            attacked = attacked | use
+        idx = attacked.nonzero()[:, 0]
+        points = all_points[idx]
         return Certificate(
             predicted=pred,
             label=y,
@@ -443,7 +486,50 @@ class Certifier:
             local=self.local,
             curvature_used=self.curvature_used,
             notes=list(self.notes),
+            solver=self.solver if self.curvature_used else "closed",
+            convex_radius=None if convex is None else torch.where(is_p, inf, convex[0]),
         )
+
+    def _convex(self, x: Tensor, pred: Tensor, correct: Tensor | None):
+        """The convex certificate of every margin f_p − f_i (runtime/convex.py): per (B, K) the
+        radius lower bound (0 where not computed), and per sample the nearest verified adversarial
+        point (distance ∞ where none), its point and its class."""
+        from .convex import convex_radii
+
+        if self._plain is None:
+            self._plain = Capture(self.bf.gm, [])
+        fn = lambda z: self._plain(z)[0]  # noqa: E731
+        b, k = len(x), self.classes
+        rows = torch.arange(b).repeat_interleave(k)
+        cls = torch.arange(k).repeat(b)
+        keep = cls != pred[rows]
+        if correct is not None:
+            keep = keep & correct[rows]
+        rows, cls = rows[keep], cls[keep]
+        p = pred[rows]
+        k_neg = self.pair_neg_curvature[p, cls]
+        k_pos = self.pair_neg_curvature[cls, p]
+        outer, inner = self.convex_steps
+        res = convex_radii(fn, x[rows], p, cls, k_neg, k_pos, outer=outer, inner=inner)
+        radii = torch.zeros(b, k, dtype=torch.float64)
+        radii[rows, cls] = res.radius
+        # the primal points: adversarial when the float64 forward pass says so
+        dist = torch.full((b,), math.inf, dtype=torch.float64)
+        point = x.clone()
+        klass = torch.full((b,), -1, dtype=torch.long)
+        found = torch.isfinite(res.primal_distance).nonzero()[:, 0]
+        if len(found):
+            with torch.no_grad():
+                at = fn(res.primal_points[found]).argmax(dim=1)
+            ok = at != p[found]
+            found, at = found[ok], at[ok]
+            for j, a in zip(found.tolist(), at.tolist()):
+                r = int(rows[j])
+                if res.primal_distance[j] < dist[r]:
+                    dist[r] = res.primal_distance[j]
+                    point[r] = res.primal_points[j]
+                    klass[r] = a
+        return radii, dist, point, klass
 
 
 def lipschitz_radius(m: Tensor, lipschitz: Tensor) -> Tensor:
@@ -499,17 +585,16 @@ class _AnchoredPairs:
         certified = bool(bf.certified)
         ctx = mg._Context(k, certified)
         self.i, self.j = ctx.i, ctx.j
-        self.pairs = {}
-        try:
-            with torch.no_grad():
-                for sym, pq in fold.fold.items():
-                    self.pairs[sym.name] = pq.pairs(ctx)
-        except NotImplementedError:
-            self.ok = False
-            return
         self.expr = out_info.curvature.xreplace(
             {m: sympy.Min(*m.args, *extra) for m, extra in fold.extra.items()}
         )
+        names = {a.name for a in self.expr.free_symbols}
+        try:
+            with torch.no_grad():
+                self.pairs = mg.pair_values(bf, fold, ctx, names)
+        except NotImplementedError:
+            self.ok = False
+            return
         self.factor = 1.0
         if certified:
             e = rounding_exponent(self.expr, {})
@@ -598,6 +683,7 @@ def certify(
     norms: str = "certified",
     curvature: bool | None = None,
     method: str = "compositional",
+    solver: str = "convex",
 ) -> Certificate:
     """Certified radii and attack certificates for the batch ``x`` (theory §6–§7).
 
@@ -614,12 +700,18 @@ def certify(
             Lipschitz certificates; True: raise :class:`~curvbound.NonSmoothError` for a non-C¹
             model; False: Lipschitz certificates only.
         method: the bound's method when it is compiled here.
+        solver: ``"convex"`` (default, the strongest): per class the larger of the one-sided
+            closed-form radius and the convex dual certificate (:mod:`curvbound.runtime.convex`),
+            whose primal points also serve as attack certificates; ``"one-sided"``: the closed
+            form with the one-sided constants ``bf.margins().neg_curvature`` where they are
+            smaller; ``"closed"``: the paper's closed form with two-sided constants (fastest).
 
     Returns:
         a :class:`Certificate` (see the module docstring for an example).
     """
     cert = Certifier(
-        model, x, bound_fn=bound_fn, local=local, norms=norms, curvature=curvature, method=method
+        model, x, bound_fn=bound_fn, local=local, norms=norms, curvature=curvature, method=method,
+        solver=solver,
     )
     return cert(x, y)
 
@@ -635,6 +727,7 @@ def certify_dataset(
     method: str = "compositional",
     limit: int | None = None,
     progress: bool = True,
+    solver: str = "convex",
 ) -> Certificate:
     """Certify a dataset batch by batch and return the concatenated :class:`Certificate`.
 
@@ -669,6 +762,7 @@ def certify_dataset(
                 norms=norms,
                 curvature=curvature,
                 method=method,
+                solver=solver,
             )
         parts.append(certifier(x, y))
         done += len(x)
