@@ -34,7 +34,7 @@ Example:
     >>> cert = curvbound.certify(net, x)
     >>> print(cert.summary([0.01, 0.05]))  # doctest: +NORMALIZE_WHITESPACE
     64 samples, no labels (the predictions are certified); margins: pairwise (bf.margins());
-    anchored curvature; bounds certified
+    anchored curvature; convex certificate; bounds certified
     eps     certified  Lipschitz  curvature  attack bound  gap
     0.0100  1.0000     0.9844     1.0000     1.0000        0.0000
     0.0500  0.9375     0.8750     0.9375     0.9375        0.0000
