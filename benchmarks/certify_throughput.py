@@ -31,8 +31,8 @@ import torch
 
 import curvbound
 from curvbound import zoo
-from curvbound.runtime import data
-from curvbound.runtime.certificates import Certifier
+from curvbound.apps import data
+from curvbound.apps.certificates import Certifier
 
 MODELS = {
     "MNIST 6F": (lambda: zoo.mnist_mlp(6), data.load_mnist, (0.02, 0.05, 0.1)),

@@ -2,11 +2,11 @@
 compositional, against an empirical lower bound, on the paper's architectures.
 
 Models: MNIST 3F–6F tanh MLPs, CIFAR-10 6C2F and 6F (``curvbound.zoo``), each with its random
-initialisation and briefly trained (``runtime.data.train_classifier`` on a subset of the training
+initialisation and briefly trained (``apps.data.train_classifier`` on a subset of the training
 data in ../shared/data; weights cached under ``--cache-dir``). For each model and method the script
 compiles the bound (float64 copy of the model; norms estimated by power iteration run to
 convergence, plus "compositional" with certified norms), and reports the curvature bound M of the
-vector map, its ratio to the empirical lower bound (``runtime.empirical.curvature_lower_bound``,
+vector map, its ratio to the empirical lower bound (``apps.empirical.curvature_lower_bound``,
 gradient ascent over input pairs: every ratio must be ≥ 1), and compile times. A second table
 measures ``bf.margins()`` for K = 10 and K = 100 classes next to ``bf()`` in the same run.
 
@@ -31,9 +31,9 @@ from torch import nn
 
 import curvbound
 from curvbound import zoo
+from curvbound.apps import data
+from curvbound.apps.empirical import curvature_lower_bound
 from curvbound.compiler.errors import MethodCoverageError
-from curvbound.runtime import data
-from curvbound.runtime.empirical import curvature_lower_bound
 
 METHODS = ("naive", "crt", "paper", "compositional")
 
@@ -269,7 +269,7 @@ def render(rows, mrows, args, total) -> str:
 Produced by `python benchmarks/tightness.py --write` ({machine}; whole run {total / 60:.1f} min).
 Curvature bound M of the vector map input → logits (ℓ2), for each method, with its ratio to the
 empirical lower bound in parentheses (a lower bound attained by gradient ascent over input pairs,
-`runtime/empirical.py`, float64: the true constant lies between it and every bound, so smaller
+`apps/empirical.py`, float64: the true constant lies between it and every bound, so smaller
 ratios are tighter and none may be below 1). Norms are power-iteration estimates run to
 convergence, except the certified column (guaranteed norms in float64). "trained": the zoo model
 after {args.epochs} epochs of Adam on the first {args.train_limit} training images (weights cached

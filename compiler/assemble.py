@@ -8,12 +8,13 @@ under ``node.meta[BOUND_KEY]``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import sympy
 from torch import fx, nn
 
-from .context import RuleContext, Transfer, curvature_symbol, lipschitz_symbol
+from .context import Refiner, RuleContext, Transfer, curvature_symbol, lipschitz_symbol
 from .errors import InputError, MissingRule, RuleError, UnsupportedOperationError
 from .registry import Registry, rule_name, rules_for, target_name
 
@@ -133,11 +134,13 @@ def propagate(
     norms: str,
     constants: set[fx.Node],
     anchor: object | None = None,
+    refiners: Sequence[Refiner] = (),
 ) -> tuple[dict[fx.Node, Transfer], dict[fx.Node, str], fx.Node]:
     """Compute every node's transfer; returns (transfers, rule names, the output's value node).
 
     ``anchor``: the :class:`~curvbound.runtime.anchored.AnchorState` of an anchored compile,
-    handed to every rule as ``ctx.anchor``.
+    handed to every rule as ``ctx.anchor``; ``refiners``: the passes every affine transfer goes
+    through (``ctx.refiners``).
     """
     transfers: dict[fx.Node, Transfer] = {}
     rules: dict[fx.Node, str] = {}
@@ -176,6 +179,7 @@ def propagate(
             transfers=transfers,
             constants=constants,
             anchor=anchor,
+            refiners=refiners,
         )
         result, reasons = None, []
         for fn in rules_for(node, gm, registry):

@@ -17,19 +17,11 @@ import torch
 from torch import fx
 
 from .assemble import BOUND_KEY, NodeBound
+from .exprs import round_up
 
 __all__ = ["generate", "print_expr", "round_up"]
 
 _counter = count()
-
-
-def round_up(x: sympy.Expr) -> float:
-    """The smallest float64 that is ≥ the exact value of a sympy number."""
-    exact = sympy.N(x, 40)
-    f = float(exact)
-    if sympy.Float(f, 40) < exact:
-        f = math.nextafter(f, math.inf)
-    return f
 
 
 def print_expr(e: sympy.Expr) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import operator
 import warnings
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +14,8 @@ import torch
 from torch import fx, nn
 
 from ..runtime.norms import Norm, Quantity
-from ..runtime.operators import Chain, FunctionOperator, LinearOperator
+from ..runtime.operators import Chain, Dense, FunctionOperator, LinearOperator
+from .exprs import round_up
 
 __all__ = [
     "Transfer",
@@ -80,12 +81,18 @@ class Elementwise:
     second: tuple[sympy.Expr, sympy.Expr] | None = None
 
 
+#: A pass that refines the transfer of an affine node: ``refine(ctx, transfer) -> transfer``. The
+#: pipeline installs them (``curvbound.pipeline.REFINERS``); the core never names one.
+Refiner = Callable[["RuleContext", Transfer], Transfer]
+
+
 class RuleContext:
     """Read-only view a rule gets of its node, the model and the transfers computed so far.
 
     ``anchor`` is set by ``compile(..., anchored=True)``: an
     :class:`~curvbound.runtime.anchored.AnchorState` through which activation rules create
-    per-sample anchored quantities (theory §7); None for global bounds.
+    per-sample anchored quantities (theory §7); None for global bounds. ``refiners`` are the
+    passes that refine every affine transfer (:meth:`linear` applies them in order).
     """
 
     def __init__(
@@ -98,10 +105,12 @@ class RuleContext:
         transfers: Mapping[fx.Node, Transfer],
         constants: set[fx.Node],
         anchor: Any = None,
+        refiners: Sequence[Refiner] = (),
     ):
         self.node, self.root, self.method, self.norms = node, root, method, norms
         self._transfers, self._constants = transfers, constants
         self.anchor = anchor
+        self.refiners = tuple(refiners)
 
     # -- the node -------------------------------------------------------------------------------
     @property
@@ -209,8 +218,6 @@ class RuleContext:
         Unlike a plain function, a dense weight exposes its rows, so a following activation can
         use the row-norm block rule.
         """
-        from ..runtime.operators import Dense
-
         source = source if source is not None else self.input()
         return self.linear(Dense(weight, self.shape(source), self.shape(), self.node.name), source)
 
@@ -234,8 +241,6 @@ class RuleContext:
         if isinstance(op, FunctionOperator) and op.norm_bound is None and norm is not None:
             known = sympy.sympify(norm)
             if known.is_number:  # the rule's exact norm also serves the op inside merged chains
-                from .codegen import round_up
-
                 value = round_up(known)
                 op.norm_bound = lambda: torch.tensor(value, dtype=torch.float64)
         ops: list[LinearOperator] = [op]
@@ -259,10 +264,11 @@ class RuleContext:
         sym, q = self.norm(chain)
         note = f"merged: {chain.describe()}" if merged else ""
         t = Transfer(sym * self.L(src), sym * self.M(src), {sym: q}, chain, src, note=note)
-        # LipLT along the chain segment and the two-layer block rules (theory §3-§4)
-        from ..passes.lipschitz_lt import refine_affine
-
-        return refine_affine(self, t)
+        # passes that refine an affine transfer (LipLT, block rules: passes/lipschitz_lt.py) run
+        # here, in the order the pipeline installed them
+        for refine in self.refiners:
+            t = refine(self, t)
+        return t
 
 
 def is_reduction_free_getitem(node: fx.Node) -> bool:

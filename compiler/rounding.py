@@ -34,17 +34,14 @@ True
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 
 import sympy
 
+from ..runtime.certified import UNIT_ROUNDOFF, rounding_factor
 from ..runtime.norms import Quantity
 
 __all__ = ["UNIT_ROUNDOFF", "rounding_exponent", "rounding_factor", "certify_nodes"]
-
-UNIT_ROUNDOFF = 2.0**-53
-
 
 def rounding_exponent(expr: sympy.Expr, inputs: Mapping[sympy.Symbol, float]) -> float | None:
     """Exponent E with computed ≥ exact·(1 − u)^E for the float64 evaluation of ``expr``.
@@ -82,17 +79,6 @@ def rounding_exponent(expr: sympy.Expr, inputs: Mapping[sympy.Symbol, float]) ->
         parts = [rounding_exponent(a, inputs) for a in expr.args]
         return None if any(p is None for p in parts) else max(parts)
     return None
-
-
-def rounding_factor(exponent: float) -> float:
-    """A float64 number ≥ (1 − u)^−(E+1): the factor that makes a computed value an upper bound.
-
-    >>> rounding_factor(0.0) > 1.0
-    True
-    """
-    if exponent * UNIT_ROUNDOFF > 1e-3:
-        raise ValueError(f"rounding exponent {exponent:g} is too large to bound")
-    return math.nextafter(1.0 + 2.0 * (exponent + 2.0) * UNIT_ROUNDOFF, math.inf)
 
 
 def certify_nodes(

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import curvbound
-from curvbound.runtime import data
+from curvbound.apps import data
 
 
 def load():

@@ -43,7 +43,7 @@ from ..compiler.errors import MethodCoverageError
 from ..runtime.margins import MarginFold, PairCRT, PairVectorNorm
 from ..runtime.operators import Chain, Dense
 from ..runtime.products import CRTSensitivity
-from .methods import Layer
+from .sequential import Layer
 
 __all__ = ["crt_output"]
 

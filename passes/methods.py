@@ -1,98 +1,23 @@
 """Whole-graph steps of the methods "paper" and "crt", run after the per-node propagation.
 
 Both methods cover only sequential networks (one chain of linear maps and elementwise activations
-ending in a linear map). :func:`sequential_path` checks that and names the first node that breaks
-it; :func:`finalize` then rewrites the output node's transfer (the paper's final block, or CRT's
-bound) and leaves the other methods' transfers as they are.
+ending in a linear map). :func:`~curvbound.passes.sequential.sequential_path` checks that and names
+the first node that breaks it; :func:`finalize` then rewrites the output node's transfer (the
+paper's final block, or CRT's bound) and leaves the other methods' transfers as they are.
 """
 
 from __future__ import annotations
 
-import sympy
+from collections.abc import Sequence
+
 from torch import fx
 
-from ..compiler.context import RuleContext, Transfer
-from ..compiler.errors import MethodCoverageError
+from ..compiler.context import Refiner, RuleContext, Transfer
+from .crt import crt_output
+from .paper import paper_output
+from .sequential import sequential_path
 
-__all__ = ["sequential_path", "finalize", "Layer"]
-
-
-class Layer:
-    """One step of a sequential network: an affine node and the activation that follows it (None
-    for the output layer)."""
-
-    def __init__(self, affine: fx.Node, activation: fx.Node | None):
-        self.affine, self.activation = affine, activation
-
-    def __repr__(self) -> str:
-        act = self.activation.name if self.activation is not None else "-"
-        return f"Layer({self.affine.name}, {act})"
-
-
-def _describe(node: fx.Node, rules: dict[fx.Node, str]) -> str:
-    return f"node '{node.name}' ({node.op} {getattr(node.target, '__name__', node.target)}, " \
-           f"rule {rules.get(node, '?')})"
-
-
-def sequential_path(
-    gm: fx.GraphModule,
-    transfers: dict[fx.Node, Transfer],
-    rules: dict[fx.Node, str],
-    out: fx.Node,
-    constants: set[fx.Node],
-    method: str,
-) -> list[Layer]:
-    """The layers of a sequential network input → (affine → σ)* → affine = output.
-
-    Affine nodes are those whose transfer carries a linear operator (consecutive ones are merged:
-    only the last of a run, the one that feeds an activation or is the output, is a layer);
-    activations are elementwise rules with a finite curvature. Raises
-    :class:`~curvbound.compiler.errors.MethodCoverageError` naming the first offending node.
-    """
-    fix = "Use method='compositional', which covers any graph."
-
-    def fail(msg: str) -> MethodCoverageError:
-        return MethodCoverageError(f"method={method!r}: {msg}. {fix}")
-
-    live = [n for n in gm.graph.nodes if n.op not in ("output", "get_attr") and n not in constants]
-    for node in live:
-        users = [u for u in node.users if u not in constants]
-        if node is not out and len(users) != 1:
-            names = ", ".join(u.name for u in users)
-            raise fail(f"{_describe(node, rules)} feeds {len(users)} nodes ({names}); it covers "
-                       "sequential networks only (no branches or residual connections)")
-        if node.op == "placeholder":
-            continue
-        ins = [i for i in node.all_input_nodes if i not in constants]
-        if len(ins) != 1:
-            names = ", ".join(i.name for i in ins)
-            raise fail(f"{_describe(node, rules)} combines {len(ins)} input-dependent tensors "
-                       f"({names}); it covers sequential networks only")
-    layers: list[Layer] = []
-    pending: fx.Node | None = None  # the last affine node not yet followed by an activation
-    for node in live:
-        if node.op == "placeholder":
-            continue
-        t = transfers[node]
-        if t.operator is not None:
-            pending = node
-            continue
-        info = t.elementwise
-        if info is None:
-            raise fail(f"{_describe(node, rules)} is neither a linear map nor an elementwise "
-                       "activation")
-        if pending is None or info.input is not pending:
-            raise fail(f"activation {_describe(node, rules)} does not follow a linear layer")
-        if info.curvature == sympy.oo:
-            raise fail(f"activation {_describe(node, rules)} is not C¹ (σ' is discontinuous), so "
-                       "its curvature is infinite")
-        layers.append(Layer(pending, node))
-        pending = None
-    if pending is not out:
-        raise fail(f"the network must end with a linear layer, but the output is "
-                   f"{_describe(out, rules)}")
-    layers.append(Layer(out, None))
-    return layers
+__all__ = ["finalize"]
 
 
 def finalize(
@@ -104,6 +29,7 @@ def finalize(
     method: str,
     norms: str,
     constants: set[fx.Node],
+    refiners: Sequence[Refiner] = (),
 ) -> None:
     """Method-specific rewrite of the output node's transfer (in place): "paper" → the paper's final
     block (:mod:`.paper`), "crt" → Singla & Feizi's bound (:mod:`.crt`); others: nothing."""
@@ -111,14 +37,10 @@ def finalize(
         return
     layers = sequential_path(gm, transfers, rules, out, constants, method)
     ctx = RuleContext(out, gm, method=method, norms=norms, transfers=transfers,
-                      constants=constants)
+                      constants=constants, refiners=refiners)
     if method == "paper":
-        from .paper import paper_output
-
         transfers[out] = paper_output(ctx, layers, rules)
         rules[out] = f"{rules[out]} + paper.final_block"
     else:
-        from .crt import crt_output
-
         transfers[out] = crt_output(ctx, layers, rules)
         rules[out] = f"{rules[out]} + crt"

@@ -43,7 +43,7 @@ from ..compiler.context import RuleContext, Transfer
 from ..compiler.errors import MethodCoverageError
 from ..runtime.products import HADAMARD_HIDDEN_LIMIT, PRODUCT_ENTRY_LIMIT
 from .lipschitz_lt import final_block, segment_of
-from .methods import Layer
+from .sequential import Layer
 
 __all__ = ["paper_output"]
 

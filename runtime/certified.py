@@ -27,6 +27,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "UNIT_ROUNDOFF",
+    "rounding_factor",
     "ABSOLUTE_MARGIN",
     "DENSE_SVD_MAX_DIM",
     "DENSE_GRAM_MIN_ENTRIES",
@@ -71,6 +73,20 @@ DENSE_GRAM_MIN_ENTRIES: int = 1 << 20
 _UNIT_ROUNDOFF = 2.0**-53
 _UNDERFLOW_SLACK = 2.0**-1000  # covers gradual underflow in the scaled Gram products (entries ~1)
 _FREQ_CHUNK_ELEMENTS = 1 << 22  # complex128 entries per frequency chunk in conv_norm (64 MiB)
+
+
+UNIT_ROUNDOFF = _UNIT_ROUNDOFF
+
+
+def rounding_factor(exponent: float) -> float:
+    """A float64 number ≥ (1 − u)^−(E+1): the factor that makes a computed value an upper bound.
+
+    >>> rounding_factor(0.0) > 1.0
+    True
+    """
+    if exponent * UNIT_ROUNDOFF > 1e-3:
+        raise ValueError(f"rounding exponent {exponent:g} is too large to bound")
+    return math.nextafter(1.0 + 2.0 * (exponent + 2.0) * UNIT_ROUNDOFF, math.inf)
 
 
 def certify(value: Tensor | float) -> Tensor:

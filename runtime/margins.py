@@ -35,17 +35,16 @@ import sympy
 import torch
 from torch import Tensor
 
+from .certified import certify, rounding_factor
 from .operators import LinearOperator, exact_arithmetic
 from .products import CRTSensitivity, LipLTFactor, liplt_step, matrix_of
 
 __all__ = [
-    "Margins",
     "MarginFold",
     "PairVectorNorm",
     "PairScaledRows",
     "PairCRT",
     "PairLipLT",
-    "margins",
     "pair_index",
     "PAIR_EIG_BUDGET",
 ]
@@ -68,24 +67,39 @@ def pair_index(k: int) -> tuple[Tensor, Tensor]:
 
 
 class _Context:
-    """Per-call cache: the rows of a map ending in G (opᵀe_k for every class k), by operator."""
+    """Per-call cache: the rows of a map ending in G (opᵀe_k for every class k), by operator.
 
-    def __init__(self, k: int, certified: bool):
-        self.k, self.certified = k, certified
-        self.i, self.j = pair_index(k)
+    ``grad``: keep the computation differentiable in the weights (estimate mode, for training);
+    ``device``: where the pair tensors live (the model's device); ``pair_steps``: None for exact
+    per-pair eigenvalues, else warm-started power iteration with that many steps per call (see
+    :class:`PairScaledRows`)."""
+
+    def __init__(self, k: int, certified: bool, *, grad: bool = False,
+                 device: torch.device | None = None, pair_steps: int | None = None):
+        self.k, self.certified, self.grad, self.device = k, certified, grad, device
+        self.pair_steps = None if certified else pair_steps
+        self.i, self.j = (t.to(device) for t in pair_index(k))
         self._rows: dict[int, Tensor] = {}
+
+    def keep(self, t: Tensor) -> Tensor:
+        """``t`` in float64, detached unless the call is differentiable."""
+        return t.double() if self.grad else t.detach().double()
+
+    def empty(self, n: int) -> Tensor:
+        return torch.empty(n, dtype=torch.float64, device=self.device)
 
     def rows(self, op: LinearOperator) -> Tensor:
         """(K, n_in) matrix whose row k is Aᵀe_k (one batched vector–Jacobian product)."""
         key = id(op)
         if key not in self._rows:
             # float64 from the float64 values of the parameters (exact_arithmetic)
-            x = torch.zeros(self.k, *op.in_shape, dtype=torch.float64, requires_grad=True)
+            x = torch.zeros(self.k, *op.in_shape, dtype=torch.float64, requires_grad=True,
+                            device=self.device)
             with exact_arithmetic(), torch.enable_grad():
                 y = op.apply(x).reshape(self.k, -1)
-                eye = torch.eye(self.k, dtype=y.dtype)
-                (g,) = torch.autograd.grad(y, x, eye)
-            self._rows[key] = g.reshape(self.k, -1).detach().double()
+                eye = torch.eye(self.k, dtype=y.dtype, device=y.device)
+                (g,) = torch.autograd.grad(y, x, eye, create_graph=self.grad)
+            self._rows[key] = self.keep(g.reshape(self.k, -1))
         return self._rows[key]
 
     def chunks(self, width: int):
@@ -104,7 +118,7 @@ class PairVectorNorm:
 
     def pairs(self, ctx: _Context) -> Tensor:
         r = ctx.rows(self.op)
-        out = torch.empty(len(ctx.i), dtype=torch.float64)
+        out = ctx.empty(len(ctx.i))
         for sl in ctx.chunks(r.shape[1]):
             out[sl] = (r[ctx.i[sl]] - r[ctx.j[sl]]).norm(dim=1)
         if ctx.certified:
@@ -123,8 +137,18 @@ class PairScaledRows:
 
     p = 1: the scalar block's vectorised-Jacobian norm ‖Â_c‖ = ‖diag(c̃)W‖ (theory §3 (c) with
     G → cᵀG); p = ½: Singla & Feizi's ‖diag(√|c̃|)W‖² (theory §5), valid for scalar outputs only.
+
+    λ_max(S_c), S_c = D_c·WWᵀ·D_c, is computed by ``eigvalsh`` per pair, or, for training
+    (estimate mode, ``pair_steps`` set), as the Rayleigh quotient v_cᵀS_c v_c of a persistent,
+    warm-started unit vector per pair advanced by ``pair_steps`` power steps per call (batched
+    matrix products instead of an eigen-decomposition per pair). S_c is PSD, so that is an
+    estimate from below, like every power-iteration norm, and its gradient with v_c held fixed
+    is v_cᵀ(dS_c)v_c, the eigenvalue's derivative at convergence. Vectors start (and
+    :meth:`reset` restarts them) from the exact top eigenvectors.
+
     ``signs`` = (w₊, w₋) replaces |c̃| by the one-sided weights w₊·c̃⁺ + w₋·c̃⁻ (c̃⁺ = max(c̃, 0),
-    c̃⁻ = max(−c̃, 0)), for the one-sided bounds of :class:`Margins` (``neg_curvature``).
+    c̃⁻ = max(−c̃, 0)), for the one-sided bounds of :class:`~curvbound.compiler.margins.Margins`
+    (``neg_curvature``).
     """
 
     def __init__(self, G: LinearOperator, W: LinearOperator, power: float, *,
@@ -133,6 +157,7 @@ class PairScaledRows:
         self.G, self.W, self.power = G, W, float(power)
         self.whole, self.w_norm = whole, w_norm  # quantities ‖Â‖ and ‖W‖ for the cheap bound
         self.signs = None if signs is None else (float(signs[0]), float(signs[1]))
+        self._vectors: dict[tuple[int, int], Tensor] = {}
 
     def _weights(self, ctx: _Context, r: Tensor, sl: slice) -> Tensor:
         """|c̃| (or the one-sided weights) of the pairs ``sl``, rounded up in certified mode. The
@@ -147,13 +172,35 @@ class PairScaledRows:
             c = c * (1 + 16 * _U)  # the subtraction, the weights and the entries' own rounding
         return c
 
+    def reset(self) -> None:
+        """Forget the tracked per-pair vectors (the next tracked call starts exactly)."""
+        self._vectors.clear()
+
+    def _tracked(self, ctx: _Context, sl: slice, d: Tensor, t: Tensor) -> Tensor:
+        key = (sl.start, sl.stop)
+        v = self._vectors.get(key)
+        if v is None or v.shape != d.shape or v.device != d.device:
+            with torch.no_grad():
+                s = d[:, :, None] * t * d[:, None, :]
+                v = torch.linalg.eigh(s.detach())[1][:, :, -1]
+        else:
+            with torch.no_grad():
+                dd, tt = d.detach(), t.detach()
+                for _ in range(ctx.pair_steps):
+                    w = dd * ((dd * v) @ tt)  # S_c v_c for every pair (T symmetric)
+                    n = w.norm(dim=1, keepdim=True)
+                    v = torch.where(n > 0, w / n.clamp_min(1e-300), v)
+        self._vectors[key] = v.detach()
+        return (v * d * ((d * v) @ t)).sum(dim=1)
+
     def pairs(self, ctx: _Context) -> Tensor:
         r = ctx.rows(self.G)  # (K, m): row k = Gᵀe_k (exact: G has one factor)
         m = r.shape[1]
         with exact_arithmetic():
-            w = matrix_of(self.W).detach().double()
+            w = ctx.keep(matrix_of(self.W))
         n_in = w.shape[1]
-        if n_in < m and float(n_in) ** 3 * len(ctx.i) <= 5 * PAIR_EIG_BUDGET:
+        if (ctx.pair_steps is None and n_in < m
+                and float(n_in) ** 3 * len(ctx.i) <= 5 * PAIR_EIG_BUDGET):
             return self._narrow(ctx, r, w)
         t = w @ w.T
         if ctx.certified:
@@ -162,19 +209,20 @@ class PairScaledRows:
             return self._cheap(ctx, r, t.abs() + e_t if ctx.certified else t.abs())
         if ctx.certified:
             e_t = torch.linalg.matrix_norm(e_t)
-        out = torch.empty(len(ctx.i), dtype=torch.float64)
+        out = ctx.empty(len(ctx.i))
         for sl in ctx.chunks(m * m):
             c = self._weights(ctx, r, sl)
             d = c**self.power
             if ctx.certified:
                 d = d * (1 + 4 * _U)
+            if ctx.pair_steps is not None:
+                out[sl] = self._tracked(ctx, sl, d, t).clamp_min(0) ** (0.5 / self.power)
+                continue
             s = d[:, :, None] * t * d[:, None, :]
             lam = torch.linalg.eigvalsh(s)[:, -1].clamp_min(0)
             if ctx.certified:
                 # λ_max(DTD) ≤ λ_max(DT̂D) + max(d)²‖T − T̂‖, ‖T − T̂‖ ≤ γ‖|W||W|ᵀ‖_F; forming
                 # DT̂D rounds each entry twice; eigvalsh's backward error is covered by certify()
-                from .certified import certify
-
                 dmax = d.max(dim=1).values
                 lam = lam + dmax**2 * e_t + 3 * _U * torch.linalg.matrix_norm(s)
                 lam = certify(lam)
@@ -184,11 +232,9 @@ class PairScaledRows:
     def _narrow(self, ctx: _Context, r: Tensor, w: Tensor) -> Tensor:
         """The same λ_max through the smaller side: λ_max(D·WWᵀ·D) = λ_max(Wᵀ·D²·W) (n_in × n_in,
         for W wider than it is tall, e.g. the 784 → 1024 layer of an MNIST MLP)."""
-        from .certified import certify
-
         m, n_in = w.shape
         frob2 = (w * w).sum() * (1 + _gamma(m * n_in + 2))  # ≥ ‖W‖_F² = ‖|W|‖_F²
-        out = torch.empty(len(ctx.i), dtype=torch.float64)
+        out = ctx.empty(len(ctx.i))
         for sl in ctx.chunks(2 * m * n_in):
             c = self._weights(ctx, r, sl)
             d2 = c ** (2 * self.power)
@@ -211,7 +257,7 @@ class PairScaledRows:
         λ_max(DTD) ≤ max_i d_i·Σ_j |T_ij|·d_j (one matrix product for all pairs), and for p = 1
         also √2·‖Â‖ (‖Â_c‖ ≤ ‖c‖·‖Â‖ since GᵀccᵀG ⪯ ‖c‖²GᵀG) and max|c̃|·‖W‖."""
         n = len(ctx.i)
-        out = torch.empty(n, dtype=torch.float64)
+        out = ctx.empty(n)
         for sl in ctx.chunks(r.shape[1]):
             c = self._weights(ctx, r, sl)
             d = c**self.power
@@ -237,10 +283,8 @@ class PairLipLT:
         self.mu, self.ops = mu, dict(ops)
 
     def pairs(self, ctx: _Context) -> Tensor:
-        from ..compiler.rounding import rounding_factor
-
-        with torch.no_grad():
-            mus = [v.detach().double() for v in self.mu.values()[:-1]]
+        with torch.set_grad_enabled(ctx.grad):
+            mus = [ctx.keep(v) for v in self.mu.values()[:-1]]
         n = self.mu.n
         pv = {key: PairVectorNorm(op).pairs(ctx) for key, op in self.ops.items()}
         total = liplt_step(n, self.mu.acts, mus, pv.__getitem__)
@@ -257,15 +301,13 @@ class PairCRT:
 
     def pairs(self, ctx: _Context) -> Tensor:
         with exact_arithmetic():
-            top = matrix_of(self.q.ops[-1]).detach().double()  # W_L: K × m
-        out = torch.empty(len(ctx.i), dtype=torch.float64)
-        with exact_arithmetic(), torch.no_grad():
+            top = ctx.keep(matrix_of(self.q.ops[-1]))  # W_L: K × m
+        out = ctx.empty(len(ctx.i))
+        with exact_arithmetic(), torch.set_grad_enabled(ctx.grad):
             for sl in ctx.chunks(top.shape[1] * 4):
                 s = (top[ctx.i[sl]] - top[ctx.j[sl]]).abs()
                 out[sl] = self.q.vectors(s).max(dim=1).values
         if ctx.certified:
-            from .certified import certify
-
             terms = sum(math.prod(op.in_shape) + 2 for op in self.q.ops)
             out = certify(out * (1 + 2 * _gamma(terms) + 2 * _U))
         return out
@@ -279,7 +321,7 @@ class MarginFold:
     computation; ``extra`` maps a ``sympy.Min`` of the curvature expression to further arguments
     valid for scalar outputs only (Singla & Feizi's block bound). ``lower`` and ``upper`` map a
     ``sympy.Min`` to further arguments valid only for the one-sided bounds K with
-    ∇²(cᵀf) ⪰ −K·I (``lower``) or ∇²(cᵀf) ⪯ K·I (``upper``) (see :class:`Margins`).
+    ∇²(cᵀf) ⪰ −K·I (``lower``) or ∇²(cᵀf) ⪯ K·I (``upper``) (see ``Margins.neg_curvature``).
     """
 
     op: LinearOperator
@@ -288,200 +330,3 @@ class MarginFold:
     note: str = ""
     lower: Mapping[sympy.Expr, tuple[sympy.Expr, ...]] = field(default_factory=dict)
     upper: Mapping[sympy.Expr, tuple[sympy.Expr, ...]] = field(default_factory=dict)
-
-
-@dataclass
-class Margins:
-    """Bounds on every logit difference f_i − f_j of a K-class model (ℓ2 norms).
-
-    ``lipschitz[i, j]`` and ``curvature[i, j]`` bound the Lipschitz constant of f_i − f_j and of
-    its gradient (K×K float64 tensors, symmetric, zero diagonal). ``neg_curvature[i, j]`` is a
-    one-sided bound: K with ∇²(f_i − f_j) ⪰ −K·I, i.e. (∇φ(x) − ∇φ(x'))ᵀ(x − x') ≥ −K‖x − x'‖²
-    for φ = f_i − f_j (not symmetric; ``pos_curvature = neg_curvature.T`` bounds the Hessian from
-    above); always ≤ ``curvature`` (a two-sided bound is a one-sided one). ``certified`` is True
-    exactly when every number that entered them is a guaranteed bound. ``pairwise`` is False
-    when the fallback √2·(global bound) was used (``note`` says why); ``method`` is the compile
-    method.
-
-    **One-sided bounds** (the final block of a scalar margin; theory §5). Let the output be
-    f = G·σ(u) + g₀ with u = W z + b, z = z(x) the rest of the network, σ a C² activation with
-    proven a ≤ σ'' ≤ b, h = max(−a, b), and c = e_i − e_j, c̃ = Gᵀc, φ = cᵀf. By the chain rule
-
-        ∇²φ = Dzᵀ Wᵀ diag(c̃ ⊙ σ''(u)) W Dz  +  Σ_k v_k ∇²z_k,   v = Wᵀ diag(σ'(u)) c̃.   (T₁ + T₂)
-
-    T₁: entrywise c̃ⱼσ''(uⱼ) ≥ −(c̃ⱼ⁺(−a) + c̃ⱼ⁻b) =: −dⱼ (c̃ⱼ ≥ 0 meets σ'' ≥ a, c̃ⱼ < 0 meets
-    σ'' ≤ b), so T₁ ⪰ −Dzᵀ Wᵀ diag(d) W Dz ⪰ −‖diag(√d) W‖²·L_z²·I, as ‖W Dz v‖... precisely
-    vᵀDzᵀWᵀdiag(d)WDz v = ‖diag(√d) W Dz v‖² ≤ ‖diag(√d)W‖²‖Dz‖²‖v‖² and ‖Dz‖ ≤ L_z. Likewise
-    T₁ ⪯ ‖diag(√d′)W‖²L_z²·I with d′ⱼ = c̃ⱼ⁺b + c̃ⱼ⁻(−a). For softplus (a = 0) only the entries
-    of c̃ of one sign enter. T₂ has no sign structure: σ' > 0 multiplies the curvature of the
-    inner network z, whose Hessians ∇²z_k are indefinite in general, so T₂ is bounded
-    two-sidedly, ‖T₂‖ ≤ ‖v‖·M_z = sup_{‖w‖=1} |vᵀ D²z[w, w]| with ‖v‖ ≤ the block's Lipschitz
-    bound (the chain-rule and loop-transformation terms of the two-sided bound, unchanged).
-    Hence ∇²φ ⪰ −(h·‖diag(√(d/h))W‖²·L_z² + ‖T₂‖-bound)·I: the two-sided expression with the
-    Singla–Feizi argument ‖diag(√|c̃|)W‖² of its ``Min`` joined by ‖diag(√(d/h))W‖²
-    (:class:`PairScaledRows` with ``signs``), each a valid bound, so the minimum is one. For a
-    2-layer network (z = x: L_z = 1, M_z = 0) this is exactly −h·λ_max(Wᵀdiag(c̃⁻)W) for
-    softplus. Where the output rule recorded no one-sided terms (σ'' of both signs, e.g. tanh,
-    other methods, other output nodes) ``neg_curvature`` equals ``curvature``.
-    """
-
-    lipschitz: Tensor
-    curvature: Tensor
-    certified: bool
-    pairwise: bool
-    method: str
-    note: str = ""
-    neg_curvature: Tensor | None = None
-
-    def __post_init__(self) -> None:
-        if self.neg_curvature is None:
-            self.neg_curvature = self.curvature.clone()
-
-    @property
-    def pos_curvature(self) -> Tensor:
-        """K with ∇²(f_i − f_j) ⪯ K·I at [i, j] (= ``neg_curvature[j, i]``)."""
-        return self.neg_curvature.T
-
-    @property
-    def classes(self) -> int:
-        return int(self.lipschitz.shape[0])
-
-    def __repr__(self) -> str:
-        kind = "certified" if self.certified else "estimated"
-        how = "pairwise" if self.pairwise else "sqrt2-global"
-        off = ~torch.eye(self.classes, dtype=torch.bool)
-        lmax = float(self.lipschitz[off].max()) if self.classes > 1 else 0.0
-        mmax = float(self.curvature[off].max()) if self.classes > 1 else 0.0
-        return (
-            f"Margins(K={self.classes}, max lipschitz={lmax:.6g}, max curvature={mmax:.6g}, "
-            f"{how}, {kind})"
-        )
-
-
-def _evaluate(expr: sympy.Expr, values: Mapping[str, Any]) -> Tensor:
-    from ..compiler.codegen import print_expr
-
-    src = print_expr(expr)
-    scope = {"torch": torch, "math": math, **values}
-    out = eval(compile(src, "<curvbound-margin>", "eval"), scope)  # noqa: S307 - our own printer
-    return torch.as_tensor(out, dtype=torch.float64)
-
-
-def _square(values: Tensor, k: int) -> Tensor:
-    out = torch.zeros(k, k, dtype=torch.float64)
-    i, j = pair_index(k)
-    out[i, j] = values
-    out[j, i] = values
-    return out
-
-
-def _fallback(bf, reason: str, k: int) -> Margins:
-    b = bf._latest() if hasattr(bf, "_latest") else bf()
-    off = 1 - torch.eye(k, dtype=torch.float64)
-    root2 = math.sqrt(2) * (1 + 4 * _U)
-    lip = root2 * float(b.lipschitz) * off
-    curv = root2 * float(b.curvature) * off
-    note = f"√2·global bound: {reason}"
-    return Margins(lip, curv, bool(b.certified), False, bf.method, note)
-
-
-@torch.no_grad()
-def margins(bf) -> Margins:
-    """Pairwise Lipschitz and curvature bounds of every margin f_i − f_j of ``bf``'s model.
-
-    Evaluates ``bf()`` once (the current power-iteration state; refresh first for converged
-    estimates) and folds each pair c = e_i − e_j into the output node (module docstring). Falls
-    back to √2 times the global bound, saying so in ``.note``, when the output node is not a
-    linear layer whose rule recorded how to fold c.
-    """
-    from ..compiler.rounding import rounding_exponent, rounding_factor
-
-    out_info = next(nb for nb in bf._node_info if nb.name == bf.output)
-    fold: MarginFold | None = getattr(bf, "_margin_fold", None)
-    k = _classes(bf)
-    if k < 2:
-        raise ValueError(f"margins need at least two outputs; the model has {k}")
-    if fold is None:
-        return _fallback(bf, f"the output node '{bf.output}' is not a linear layer", k)
-    bounds = bf()
-    certified = bool(bounds.certified)
-    values: dict[str, Any] = {}
-    for name, q in bf.quantities.items():
-        values[name] = q().detach().double()
-    for name, (L, M) in bounds.nodes.items():
-        values[f"L_{name}"] = L.detach().double()
-        values[f"M_{name}"] = M.detach().double()
-    ctx = _Context(k, certified)
-    try:
-        values.update(pair_values(bf, fold, ctx))
-    except NotImplementedError as exc:
-        if not certified:
-            raise
-        return _fallback(bf, f"no certified pair quantity ({exc})", k)
-    lip_expr = out_info.lipschitz
-    curv_expr = out_info.curvature.xreplace(
-        {m: sympy.Min(*m.args, *extra, evaluate=False) for m, extra in fold.extra.items()}
-    )
-    lip = _evaluate(lip_expr, values).expand(len(ctx.i))
-    curv = _evaluate(curv_expr, values).expand(len(ctx.i))
-    sides = {}
-    for key, more in (("lower", fold.lower), ("upper", fold.upper)):
-        if more:
-            sides[key] = out_info.curvature.xreplace({
-                m: sympy.Min(*m.args, *fold.extra.get(m, ()), *more.get(m, ()), evaluate=False)
-                for m in {*fold.extra, *more}
-            })
-    side_vals = {key: _evaluate(e, values).expand(len(ctx.i)) for key, e in sides.items()}
-    if certified:  # the float64 arithmetic of the expressions, bounded as in compiler/rounding
-        todo = [(lip_expr, "lip"), (curv_expr, "curv"), *[(e, k) for k, e in sides.items()]]
-        for expr, name in todo:
-            e = rounding_exponent(expr, {})
-            if e is None:
-                certified = False
-                continue
-            f = rounding_factor(e)
-            if name == "lip":
-                lip = lip * f
-            elif name == "curv":
-                curv = curv * f
-            else:
-                side_vals[name] = side_vals[name] * f
-    note = fold.note or f"c = e_i − e_j folded into '{bf.output}'"
-    square = _square(curv, k)
-    neg = square.clone()
-    i, j = ctx.i, ctx.j
-    if "lower" in side_vals:  # ∇²(f_i − f_j) ⪰ −K·I for i < j
-        neg[i, j] = torch.minimum(neg[i, j], side_vals["lower"])
-    if "upper" in side_vals:  # ∇²(f_i − f_j) ⪯ K·I, i.e. ∇²(f_j − f_i) ⪰ −K·I
-        neg[j, i] = torch.minimum(neg[j, i], side_vals["upper"])
-    return Margins(_square(lip, k), square, certified, True, bf.method, note, neg)
-
-
-def _weights_key(bf, certified: bool) -> tuple:
-    return (certified, *((id(p), p._version) for p in bf.model.parameters()))
-
-
-def pair_values(bf, fold: MarginFold, ctx: _Context, names=None) -> dict[str, Tensor]:
-    """The per-pair quantities of ``fold`` (only ``names`` when given), cached on ``bf`` until a
-    parameter of the model changes (the eigenvalue problems of wide output blocks take seconds)."""
-    key = _weights_key(bf, ctx.certified)
-    cache = getattr(bf, "_pair_cache", None)
-    if cache is None or cache[0] != key:
-        cache = (key, {})
-        bf._pair_cache = cache
-    out = {}
-    for sym, pq in fold.fold.items():
-        if names is not None and sym.name not in names:
-            continue
-        if sym.name not in cache[1]:
-            cache[1][sym.name] = pq.pairs(ctx)
-        out[sym.name] = cache[1][sym.name]
-    return out
-
-
-def _classes(bf) -> int:
-    for node in bf.gm.graph.nodes:
-        if node.name == bf.output:
-            meta = node.meta.get("tensor_meta")
-            return math.prod(meta.shape[1:])
-    raise ValueError(f"output node '{bf.output}' not found")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .certified import certify
 from .operators import Chain, FunctionOperator, LinearOperator, RowNormScaled, exact_arithmetic
 
 __all__ = ["Quantity", "Norm", "Constant", "MODES"]
@@ -119,8 +120,6 @@ class Norm(Quantity):
 
     def forward(self) -> Tensor:
         if self.certified:
-            from .certified import certify
-
             # Computed in float64 from the live parameters (exact_arithmetic) and cached by the
             # *values* of the tensors it reads, in float64: a version counter or a data pointer
             # misses `p.data` updates and reuses freed addresses for recomputed derived tensors.

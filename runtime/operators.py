@@ -18,6 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import certified
+from .certified import _resolve_padding, padding_multiplicity
+
 __all__ = [
     "LinearOperator",
     "Dense",
@@ -200,8 +203,6 @@ def _materialized_norm(op: LinearOperator) -> Tensor:
     A single operator of unknown structure is assumed to compute each entry as an ordinary sum of
     products, so that ‖|A|‖₂ ≤ ‖Â‖_F (to first order) stands in for the unknown bound.
     """
-    from . import certified
-
     with exact_arithmetic():
         try:
             A = _materialize(op, torch.float64)
@@ -265,8 +266,6 @@ class Dense(LinearOperator):
         return Dense(w, self.in_shape, self.out_shape, self.label)
 
     def certified_norm(self) -> Tensor:
-        from . import certified
-
         return certified.dense_norm(self.weight().detach().double())
 
     def abs_norm_bound(self) -> Tensor:
@@ -313,8 +312,6 @@ class Conv(LinearOperator):
 
     def _pads(self) -> list[tuple[int, int]]:
         """Per-axis (before, after) padding; strings 'same'/'valid' resolved as torch does."""
-        from .certified import _resolve_padding
-
         ksize = tuple(self.weight().shape[2:])
         dil, stride = _expand(self.dilation, self.dims), _expand(self.stride, self.dims)
         return _resolve_padding(self.padding, self.dims, ksize, dil, stride)
@@ -322,8 +319,6 @@ class Conv(LinearOperator):
     def multiplicity(self) -> int:
         """Most padded positions that read one input entry: 1 for zero padding; for circular,
         reflect and replicate padding the padded input is P·x with P a 0/1 matrix, ‖P‖² = this."""
-        from .certified import padding_multiplicity
-
         if getattr(self, "_multiplicity", None) is None:  # shapes and padding are fixed
             self._multiplicity = padding_multiplicity(
                 self.in_shape[1:], self._pads(), self.padding_mode
@@ -372,8 +367,6 @@ class Conv(LinearOperator):
         return op
 
     def certified_norm(self) -> Tensor:
-        from . import certified
-
         w = self.weight().detach().double()
         bound = certified.conv_norm(
             w,

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .certified import certify, dense_norm, rounding_factor
 from .norms import Norm, Quantity
 from .operators import (
     MATERIALIZE_LIMIT,
@@ -174,8 +175,6 @@ def _dense_product_norm(mats: list[Tensor]) -> Tensor:
     """Certified ‖W_i⋯W_j‖ from the float64 product of the matrices (output side first): an exact
     SVD of the computed product plus the rounding bound γ_p·Π‖|W_k|‖ (Higham §3.5; p = the summed
     inner dimensions), ‖|W_k|‖ ≤ ‖W_k‖_F."""
-    from .certified import dense_norm
-
     prod = mats[0]
     terms = 0
     for w in mats[1:]:
@@ -232,11 +231,17 @@ class Segment:
     def sweep(self, steps: int, members: list[ProductNorm] | None = None) -> None:
         """``steps`` applications of AᵀA to every own product, batched (restarted Lanczos).
 
-        Each cycle of up to :data:`LANCZOS_CYCLE` steps builds the Krylov basis of AᵀA from the
-        current vector u (full reorthogonalisation, float64) and restarts from the top Ritz vector.
-        Since u lies in that Krylov space, ‖A u‖ never decreases; for the nearly equal top singular
-        values of random or briefly trained layers it converges in far fewer steps than power
-        iteration (error ~exp(−4s√δ) per cycle of s steps instead of (1 − δ)^(2s), δ the gap).
+        Each cycle of s ≤ :data:`LANCZOS_CYCLE` steps builds the Krylov basis V of B = AᵀA from
+        the current vector u (full reorthogonalisation, float64), takes the top Ritz pair (θ, Vy)
+        and restarts from B·Vy = θ·Vy + β_s·y_s·v_{s+1}, which the Lanczos relation gives for free
+        from the cycle's last residual: one power step on the Ritz vector. So a cycle of one step
+        is exactly one power-iteration step (``bf(refresh=1)`` moves every vector), and a longer
+        cycle is at least as good as power iteration. ‖A u‖ never decreases: the Ritz vector's
+        Rayleigh quotient is ≥ u's (u lies in the Krylov space), and a power step of a PSD B does
+        not lower it (xᵀB³x/xᵀB²x ≥ xᵀBx/xᵀx by log-convexity of k ↦ xᵀBᵏx). For the nearly
+        equal top singular values of random or briefly trained layers it converges in far fewer
+        steps than power iteration (error ~exp(−4s√δ) per cycle of s steps instead of
+        (1 − δ)^(2s), δ the gap).
         """
         live = [m for m in (self.own if members is None else members) if not m.certified]
         while live and steps > 0:
@@ -274,6 +279,7 @@ class Segment:
         basis = [[_unit_flat(m.u)] for m in live]
         alphas: list[list[float]] = [[] for _ in live]
         betas: list[list[float]] = [[] for _ in live]
+        tails: list[Tensor | None] = [None] * len(live)  # β_s·v_{s+1}, the last residual
         running = [True] * len(live)
         for _ in range(cycle):
             if not any(running):
@@ -292,8 +298,12 @@ class Segment:
                 for _ in range(2):  # full reorthogonalisation, twice is enough
                     w = w - torch.stack(v).T @ (torch.stack(v) @ w)
                 b = float(w.norm())
-                if b <= 1e-12 * max(abs(a), 1e-300) or len(alphas[k]) == cycle:
+                if b <= 1e-12 * max(abs(a), 1e-300):
+                    running[k] = False  # invariant subspace: the Ritz vector is exact
+                    continue
+                if len(alphas[k]) == cycle:
                     running[k] = False
+                    tails[k] = w
                     continue
                 betas[k].append(b)
                 v.append(w / b)
@@ -305,9 +315,16 @@ class Segment:
             off = torch.tensor(betas[k][: n - 1], dtype=torch.float64)
             t = t + torch.diag(off, 1) + torch.diag(off, -1)
             vals, vecs = torch.linalg.eigh(t)
-            # converged: the cycle did not raise the Rayleigh quotient (the Ritz value ≥ it)
-            m._converged = float(vals[-1]) - alphas[k][0] <= 1e-10 * abs(float(vals[-1]))
-            u = torch.stack(basis[k][:n]).T @ vecs[:, -1]
+            theta, y = float(vals[-1]), vecs[:, -1]
+            u = torch.stack(basis[k][:n]).T @ y
+            residual = 0.0
+            if tails[k] is not None:  # B·(Vy) = θ·Vy + β_s·y_s·v_{s+1}: one power step for free
+                residual = abs(float(y[-1])) * float(tails[k].norm())
+                u = theta * u + float(y[-1]) * tails[k]
+            # converged: the cycle did not raise the Rayleigh quotient (the Ritz value ≥ it) and
+            # the Ritz pair's residual ‖B·Vy − θ·Vy‖ is small
+            m._converged = (theta - alphas[k][0] <= 1e-10 * abs(theta)
+                            and residual <= 1e-5 * abs(theta))
             norm = u.norm()
             if torch.isfinite(norm) and norm > 0:
                 m.u.copy_((u / norm).reshape(m.u.shape).to(m.u.dtype))
@@ -441,8 +458,6 @@ class HadamardNorm(Quantity):
         return value
 
     def _certified(self) -> Tensor:
-        from .certified import certify, dense_norm
-
         g, w = (t.detach().double() for t in self.matrices())
         a1, a2 = g.T @ g, w @ w.T
         s = a1 * a2
@@ -525,8 +540,6 @@ class LipLTFactor(Quantity):
     def forward(self) -> Tensor:
         if not self.certified:
             return self.values()[-1]
-        from ..compiler.rounding import rounding_factor
-
         with torch.no_grad():
             value = self.values()[-1].double()
         return value * rounding_factor(8.0 * (self.n + 1) ** 2)
@@ -567,8 +580,6 @@ class CRTSensitivity(Quantity):
         with exact_arithmetic(), torch.no_grad():
             value = self.vectors().double().max()
             terms = sum(_numel(op.in_shape) + 2 for op in self.ops)
-        from .certified import certify
-
         return certify(value * (1 + 2 * _gamma(terms)))
 
     def extra_repr(self) -> str:

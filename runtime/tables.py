@@ -29,7 +29,7 @@ capped by sup|σ''|. Beyond the table, |z₀| > Z, splitting z at a distance d <
 
 Example:
     >>> import torch
-    >>> from curvbound.passes.rules import smoothness as S
+    >>> from curvbound.runtime import smoothness as S
     >>> table = anchored_table(S.tanh())
     >>> z0 = torch.tensor([0.0, 0.6585, 3.0, 50.0], dtype=torch.float64)
     >>> [round(v, 4) for v in beta_prime(S.tanh(), z0).tolist()]
@@ -47,6 +47,8 @@ from functools import lru_cache
 
 import torch
 from torch import Tensor
+
+from .smoothness import Smoothness
 
 __all__ = ["AnchoredTable", "TableSpec", "SPECS", "anchored_table", "beta_prime", "spec_for"]
 
@@ -120,13 +122,11 @@ SPECS = ("tanh", "sigmoid", "softplus", "centered_softplus", "logsigmoid")
 
 
 def spec_for(record) -> tuple[str, float, bool] | None:
-    """(table kind, scale β, mirrored) for a :class:`~curvbound.passes.rules.smoothness.Smoothness`
+    """(table kind, scale β, mirrored) for a :class:`~curvbound.runtime.smoothness.Smoothness`
     record, or None when no anchored table exists for it.
 
     β is read back exactly from the record's curvature β/4 (its name rounds β for display).
     """
-    from ..passes.rules.smoothness import Smoothness
-
     if not isinstance(record, Smoothness) or not record.smooth:
         return None
     kind = record.name.split("(")[0]
@@ -148,7 +148,7 @@ def beta_prime(record, z0: Tensor, *, radius: float = 40.0, points: int = 4001) 
     value to about 1e-9 when the maximiser is isolated. Meant for tests and small inputs (it costs
     ``points`` evaluations of σ' per entry).
 
-    >>> from curvbound.passes.rules import smoothness as S
+    >>> from curvbound.runtime import smoothness as S
     >>> round(float(beta_prime(S.tanh(), torch.tensor([0.0]))[0]), 6)
     0.582583
     """

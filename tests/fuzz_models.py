@@ -676,7 +676,7 @@ def check_case(
     with the certified bound holds at any step).
     """
     import curvbound
-    from curvbound.runtime.empirical import curvature_lower_bound, lipschitz_lower_bound
+    from curvbound.apps.empirical import curvature_lower_bound, lipschitz_lower_bound
 
     x = torch.zeros(1, *input_shape, dtype=torch.float64)
     bounds: dict[tuple[str, str], tuple[float, float]] = {}

@@ -12,10 +12,11 @@ from torch import nn
 
 import curvbound
 from curvbound import zoo
-from curvbound.passes.rules import smoothness as S
+from curvbound.apps.anchored import Capture
+from curvbound.apps.empirical import curvature_lower_bound
+from curvbound.runtime import smoothness as S
 from curvbound.runtime import tables
-from curvbound.runtime.anchored import AnchoredScaledNorm, AnchorState, Capture
-from curvbound.runtime.empirical import curvature_lower_bound
+from curvbound.runtime.anchored import AnchoredScaledNorm, AnchorState
 from curvbound.runtime.norms import Constant
 
 RECORDS = {

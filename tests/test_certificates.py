@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 import curvbound
-from curvbound.runtime import data
-from curvbound.runtime.attacks import pgd_l2
-from curvbound.runtime.certificates import attack_distance, curvature_radius, lipschitz_radius
-from curvbound.runtime.empirical import Margin, curvature_lower_bound
+from curvbound.apps import data
+from curvbound.apps.attacks import pgd_l2
+from curvbound.apps.certificates import attack_distance, curvature_radius, lipschitz_radius
+from curvbound.apps.empirical import Margin, curvature_lower_bound
 
 F64 = torch.float64
 
@@ -313,8 +313,8 @@ def test_plain_bound_function_is_recompiled_for_anchoring():
     [
         "curvbound.runtime.tables",
         "curvbound.runtime.anchored",
-        "curvbound.runtime.certificates",
-        "curvbound.runtime.attacks",
+        "curvbound.apps.certificates",
+        "curvbound.apps.attacks",
     ],
 )
 def test_docstring_examples_run(name):

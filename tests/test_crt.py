@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import curvbound
+from curvbound.apps.empirical import Margin, curvature_lower_bound, hessian_lower_bound
 from curvbound.compiler.errors import MethodCoverageError
-from curvbound.runtime.empirical import Margin, curvature_lower_bound, hessian_lower_bound
 
 G_TANH, H_TANH = 1.0, 4 / (3 * math.sqrt(3))
 

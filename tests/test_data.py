@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from curvbound import zoo
-from curvbound.runtime import data
+from curvbound.apps import data
 
 needs_mnist = pytest.mark.skipif(
     not data.has_dataset("mnist"),

@@ -18,10 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCTEST_MODULES = [
     "curvbound",
     "curvbound.compiler.registry",
+    "curvbound.compiler.naming",
     "curvbound.passes.rules.base",
     "curvbound.runtime.norms",
     "curvbound.runtime.layers",
-    "curvbound.runtime.training",
+    "curvbound.apps.training",
 ]
 
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from curvbound import zoo
-from curvbound.runtime.empirical import (
+from curvbound.apps.empirical import (
     Margin,
     curvature_lower_bound,
     hessian_lower_bound,

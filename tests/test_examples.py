@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import curvbound
-from curvbound.runtime.empirical import curvature_lower_bound, lipschitz_lower_bound
+from curvbound.apps.empirical import curvature_lower_bound, lipschitz_lower_bound
 
 ROOT = Path(__file__).resolve().parents[1]
 

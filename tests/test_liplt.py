@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import curvbound
-from curvbound.passes.rules import smoothness as S
+from curvbound.apps.empirical import curvature_lower_bound, lipschitz_lower_bound
 from curvbound.runtime import products
-from curvbound.runtime.empirical import curvature_lower_bound, lipschitz_lower_bound
+from curvbound.runtime import smoothness as S
 from curvbound.runtime.norms import Norm
 from curvbound.runtime.operators import Dense
 from curvbound.runtime.products import ProductChain, ProductNorm, Segment

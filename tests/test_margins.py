@@ -13,13 +13,13 @@ from torch import nn
 
 import curvbound
 from curvbound import zoo
-from curvbound.runtime.empirical import (
+from curvbound.apps.empirical import (
     Margin,
     hessian_lower_bound,
     lipschitz_lower_bound,
     neg_curvature_lower_bound,
 )
-from curvbound.runtime.margins import Margins
+from curvbound.compiler.margins import Margins
 
 TANH_CURV = 4 / (3 * math.sqrt(3))
 

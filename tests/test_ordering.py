@@ -16,8 +16,8 @@ from torch import nn
 
 import curvbound
 from curvbound import zoo
-from curvbound.runtime.data import has_dataset, load_mnist, train_classifier
-from curvbound.runtime.empirical import curvature_lower_bound, lipschitz_lower_bound
+from curvbound.apps.data import has_dataset, load_mnist, train_classifier
+from curvbound.apps.empirical import curvature_lower_bound, lipschitz_lower_bound
 
 SLACK = 1 + 1e-9  # certified numbers carry a 1e-9 safety margin
 

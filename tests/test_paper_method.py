@@ -16,8 +16,8 @@ from torch import nn
 
 import curvbound
 from curvbound import zoo
+from curvbound.apps.empirical import curvature_lower_bound, lipschitz_lower_bound
 from curvbound.compiler.errors import MethodCoverageError
-from curvbound.runtime.empirical import curvature_lower_bound, lipschitz_lower_bound
 
 # (sup|σ'|, sup|σ''|, inf σ', sup σ') of the activations used below, from their definitions
 ACTS = {

@@ -1,7 +1,7 @@
 """Every registered rule has a row in the spec table, and every row is sound.
 
 Soundness: the compiled bounds (certified norms, both methods) are ≥ empirical lower bounds found by
-sampling and gradient ascent in float64 (curvbound.runtime.empirical); non-smooth rows report an
+sampling and gradient ascent in float64 (curvbound.apps.empirical); non-smooth rows report an
 infinite curvature and name the culprit nodes.
 """
 
@@ -14,8 +14,8 @@ import torch
 from rule_specs import SPECS
 
 import curvbound
+from curvbound.apps.empirical import curvature_lower_bound, lipschitz_lower_bound
 from curvbound.compiler.registry import DEFAULT_REGISTRY, lookup_key, target_name
-from curvbound.runtime.empirical import curvature_lower_bound, lipschitz_lower_bound
 
 RTOL = 1e-9  # float64 rounding of the bound itself; empirical values are attained ratios
 

@@ -1,4 +1,4 @@
-"""Activation constants (passes/rules/smoothness.py): every record is sound and tight on a dense
+"""Activation constants (runtime/smoothness.py): every record is sound and tight on a dense
 grid, its torch σ, σ', σ'' agree with torch and autograd, the exact constants come out of sympy
 again from independent definitions, and the verified ones come out of the interval method again."""
 
@@ -15,7 +15,7 @@ import torch
 from mpmath import iv
 from torch import nn
 
-from curvbound.passes.rules import smoothness as S
+from curvbound.runtime import smoothness as S
 from curvbound.runtime.layers import CenteredSoftplus
 
 # -- the spec table: one row per record we check (every catalogue entry has at least one) ---------

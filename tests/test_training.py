@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import curvbound
-from curvbound.runtime.training import CurvatureRegularizer
+from curvbound.apps.training import CurvatureRegularizer
 
 
 def _data(n=256, seed=0):

@@ -8,7 +8,7 @@ import torch
 
 import curvbound
 from curvbound import zoo
-from curvbound.runtime.empirical import curvature_lower_bound, lipschitz_lower_bound
+from curvbound.apps.empirical import curvature_lower_bound, lipschitz_lower_bound
 
 BUDGET = {  # (samples, steps) of the empirical ascent: smaller for the 3072-input CIFAR models
     "cifar_6c2f": (4, 10),

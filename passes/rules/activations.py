@@ -1,5 +1,5 @@
 """Elementwise activations. Each rule states sup|σ'| and sup|σ''| (theory §8); the constants
-come from :mod:`curvbound.passes.rules.smoothness`, which derives or verifies them."""
+come from :mod:`curvbound.runtime.smoothness`, which derives or verifies them."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ...compiler.context import RuleContext, Transfer
+from ...runtime import smoothness as S
 from ...runtime.layers import CenteredSoftplus
-from . import smoothness as S
 from .base import elementwise_transfer, register
 
 __all__: list[str] = []

@@ -7,10 +7,12 @@ from collections.abc import Callable
 from typing import Any
 
 import sympy
+import torch
 from torch import fx
 
 from ...compiler.context import Elementwise, RuleContext, Transfer
 from ...compiler.registry import DEFAULT_REGISTRY
+from ...runtime.operators import FunctionOperator, Reshape, Scalar
 
 __all__ = [
     "register",
@@ -163,8 +165,6 @@ def elementwise(
 
 def identity(node: fx.Node, ctx: RuleContext) -> Transfer:
     """Identity maps (eval dropout, nn.Identity, contiguous): L_v = L_u, M_v = M_u."""
-    from ...runtime.operators import Reshape
-
     shape = ctx.shape()
     return ctx.linear(Reshape(lambda x: x, shape, shape, "identity"), norm=1)
 
@@ -177,10 +177,6 @@ def broadcast_factor(ctx: RuleContext, n: fx.Node) -> sympy.Expr:
 
 def scaled(ctx: RuleContext, node_in: fx.Node, c: float) -> Transfer:
     """v = c·u with broadcasting: L_v = |c|·√k·L_u (k copies of each entry)."""
-    import torch
-
-    from ...runtime.operators import FunctionOperator, Scalar
-
     shape_in, shape_out = ctx.shape(node_in), ctx.shape()
     if shape_in == shape_out:
         return ctx.linear(Scalar(c, shape_in), node_in, norm=number(abs(c)))

@@ -17,7 +17,7 @@ which of three routes gave it:
   compare.
 
 Example:
-    >>> from curvbound.passes.rules import smoothness as S
+    >>> from curvbound.runtime import smoothness as S
     >>> S.tanh().curvature, S.tanh().curvature_float
     (4*sqrt(3)/9, 0.769800358919501)
     >>> S.lookup("softplus", beta=2.0).curvature

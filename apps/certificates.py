@@ -42,6 +42,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
@@ -54,6 +55,11 @@ import torch
 from torch import Tensor, nn
 
 from ..compiler.errors import InputError, NonSmoothError
+from ..compiler.margins import evaluate_expression, pair_values
+from ..compiler.rounding import rounding_exponent, rounding_factor
+from ..pipeline import compile as compile_bound
+from ..runtime.convex import convex_radii
+from ..runtime.margins import _Context
 from .anchored import Capture, anchor_state
 
 __all__ = [
@@ -100,8 +106,6 @@ class AdversarialExamples:
             return torch.zeros(0, dtype=torch.long)
         ref = next((p for p in model.parameters()), None)
         if ref is not None and ref.dtype != dtype:
-            import copy
-
             model = copy.deepcopy(model).to(dtype)
         return model(self.points.to(dtype)).argmax(dim=1)
 
@@ -279,12 +283,11 @@ class Certifier:
         solver: str = "convex",
         convex_steps: tuple[int, int] = (14, 12),
     ):
-        from ..compiler.compile import compile as compile_bound
-
         if solver not in SOLVERS:
-            raise InputError(f"solver must be one of {', '.join(map(repr, SOLVERS))}, got {solver!r}")
+            raise InputError(
+                f"solver must be one of {', '.join(map(repr, SOLVERS))}, got {solver!r}"
+            )
         self.solver, self.convex_steps = solver, tuple(convex_steps)
-
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         example, _ = _check_batch(example, None)
@@ -494,8 +497,6 @@ class Certifier:
         """The convex certificate of every margin f_p − f_i (runtime/convex.py): per (B, K) the
         radius lower bound (0 where not computed), and per sample the nearest verified adversarial
         point (distance ∞ where none), its point and its class."""
-        from .convex import convex_radii
-
         if self._plain is None:
             self._plain = Capture(self.bf.gm, [])
         fn = lambda z: self._plain(z)[0]  # noqa: E731
@@ -572,9 +573,6 @@ class _AnchoredPairs:
     (computed once: they depend on the last layer only), giving (B, P)."""
 
     def __init__(self, bf):
-        from ..compiler.rounding import rounding_exponent, rounding_factor
-        from . import margins as mg
-
         fold = getattr(bf, "_margin_fold", None)
         out_info = next(nb for nb in bf._node_info if nb.name == bf.output)
         self.ok = fold is not None
@@ -583,7 +581,7 @@ class _AnchoredPairs:
         k = _classes(bf)
         self.k = k
         certified = bool(bf.certified)
-        ctx = mg._Context(k, certified)
+        ctx = _Context(k, certified)
         self.i, self.j = ctx.i, ctx.j
         self.expr = out_info.curvature.xreplace(
             {m: sympy.Min(*m.args, *extra) for m, extra in fold.extra.items()}
@@ -591,7 +589,7 @@ class _AnchoredPairs:
         names = {a.name for a in self.expr.free_symbols}
         try:
             with torch.no_grad():
-                self.pairs = mg.pair_values(bf, fold, ctx, names)
+                self.pairs = pair_values(bf, fold, ctx, names)
         except NotImplementedError:
             self.ok = False
             return
@@ -602,7 +600,7 @@ class _AnchoredPairs:
                 self.ok = False
                 return
             self.factor = rounding_factor(e)
-        self.evaluate = mg._evaluate
+        self.evaluate = evaluate_expression
 
     def curvature(self, b, quantities: dict[str, Tensor], pred: Tensor) -> Tensor | None:
         """(B, K) anchored curvature of the margins f_i − f_p from the anchored bounds ``b`` and

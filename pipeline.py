@@ -1,4 +1,8 @@
-"""``curvbound.compile``: trace → checks → passes → rules → symbolic assembly → code generation."""
+"""``curvbound.compile``: trace → checks → passes → rules → symbolic assembly → code generation.
+
+The pipeline sits above the three stages (``runtime`` ← ``compiler`` ← ``passes``) and below the
+applications (``apps``): it is the one place that wires passes into the core (docs/architecture.md).
+"""
 
 from __future__ import annotations
 
@@ -8,17 +12,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..passes.checks import check_example_input, check_model_state
-from ..passes.methods import finalize as finalize_method
-from ..runtime.bound_function import BoundFunction
-from ..runtime.norms import MODES
-from . import assemble, codegen, rounding
-from .context import METHODS
-from .errors import UnsupportedOperationError
-from .registry import Registry, layered
-from .trace import propagate_shapes, trace
+from .compiler import assemble, codegen, rounding
+from .compiler.bound_function import BoundFunction
+from .compiler.context import METHODS
+from .compiler.errors import UnsupportedOperationError
+from .compiler.registry import Registry, layered
+from .compiler.trace import propagate_shapes, trace
+from .passes.checks import check_example_input, check_model_state
+from .passes.lipschitz_lt import refine_affine
+from .passes.methods import finalize as finalize_method
+from .runtime.anchored import AnchorState
+from .runtime.norms import MODES
 
-__all__ = ["compile"]
+__all__ = ["compile", "REFINERS"]
+
+#: Passes every affine transfer goes through, in order (``RuleContext.linear`` applies them):
+#: LipLT along chain segments and the two-layer block rules (passes/lipschitz_lt.py).
+REFINERS = (refine_affine,)
 
 
 def compile(  # noqa: A001 - the public name is fixed by the API
@@ -31,7 +41,7 @@ def compile(  # noqa: A001 - the public name is fixed by the API
     refresh: bool = True,
     anchored: bool = False,
 ) -> BoundFunction:
-    """Compile ``model`` into a :class:`~curvbound.runtime.bound_function.BoundFunction`.
+    """Compile ``model`` into a :class:`~curvbound.compiler.bound_function.BoundFunction`.
 
     Args:
         model: an ``nn.Module`` in eval mode whose forward fx can trace.
@@ -79,15 +89,15 @@ def compile(  # noqa: A001 - the public name is fixed by the API
             raise ValueError(
                 f"anchored=True supports methods 'compositional' and 'naive', not {method!r}"
             )
-        from ..runtime.anchored import AnchorState
-
         anchor = AnchorState()
     transfers, rule_names, out = assemble.propagate(
-        gm, registry, method=method, norms=norms, constants=constants, anchor=anchor
+        gm, registry, method=method, norms=norms, constants=constants, anchor=anchor,
+        refiners=REFINERS,
     )
     # "paper"/"crt": check the graph is covered and rewrite the output node's transfer
     finalize_method(
-        gm, transfers, rule_names, out, method=method, norms=norms, constants=constants
+        gm, transfers, rule_names, out, method=method, norms=norms, constants=constants,
+        refiners=REFINERS,
     )
     assemble.node_bounds(gm, transfers, rule_names, constants)
     quantities = {str(s): q for t in transfers.values() for s, q in t.quantities.items()}
