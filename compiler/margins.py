@@ -17,6 +17,7 @@ import sympy
 import torch
 from torch import Tensor
 
+from ..runtime import margins as pair_module
 from ..runtime.margins import _U, MarginFold, _Context, pair_index
 from .codegen import print_expr
 from .rounding import rounding_exponent, rounding_factor
@@ -220,7 +221,9 @@ def _margins(bf, differentiable: bool, pair_steps: int | None = None) -> Margins
 
 
 def _weights_key(bf, certified: bool) -> tuple:
-    return (certified, *((id(p), p._version) for p in bf.model.parameters()))
+    # the eigenvalue budget is read at call time (tests patch it)
+    return (certified, pair_module.PAIR_EIG_BUDGET,
+            *((id(p), p._version) for p in bf.model.parameters()))
 
 
 def pair_values(bf, fold: MarginFold, ctx: _Context, names=None) -> dict[str, Tensor]:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import curvbound
-from curvbound.runtime.attacks import pgd_l2
+from curvbound.apps.attacks import pgd_l2
 from curvbound.runtime.convex import convex_radii, dual_bound
 
 
