@@ -454,7 +454,8 @@ class Certifier:
         direction = grads[cls.clamp_min(0), torch.arange(b)].detach()
         norms = direction.flatten(1).norm(dim=1).clamp_min(1e-300)
         shape = (-1,) + (1,) * (direction.dim() - 1)
-        all_points = x64.detach() + (torch.where(attacked, t_ex, 0) / norms).reshape(shape) * direction
+        step = (torch.where(attacked, t_ex, 0) / norms).reshape(shape)
+        all_points = x64.detach() + step * direction
         if convex is not None:  # nearer adversarial points found by the convex solver
             _, c_dist, c_point, c_cls = convex
             use = c_dist < t_ex

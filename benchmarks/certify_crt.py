@@ -1,11 +1,12 @@
 """Certified accuracy against CRT (Singla & Feizi, ICML 2020) on their own MNIST model.
 
-The model: ``saved_models/mnist_2_softplus_L2_1.58_EIGEN_0.005`` of github.com/singlasahil14/so-robust
-(784-1024-10, softplus, inputs in [0, 1], a state dict with fc1/fc2). It is not shipped: fetch the
-repository and extract the file, then pass its path, e.g.
+The model: ``saved_models/mnist_2_softplus_L2_1.58_EIGEN_0.005`` of
+github.com/singlasahil14/so-robust (784-1024-10, softplus, inputs in [0, 1], a state dict with
+fc1/fc2). It is not shipped: fetch the repository and extract the file, then pass its path, e.g.
 
     git clone https://github.com/singlasahil14/so-robust /tmp/so-robust
-    python benchmarks/certify_crt.py --checkpoint /tmp/so-robust/saved_models/mnist_2_softplus_L2_1.58_EIGEN_0.005
+    python benchmarks/certify_crt.py \
+        --checkpoint /tmp/so-robust/saved_models/mnist_2_softplus_L2_1.58_EIGEN_0.005
 
 Certificates compared on the first ``--limit`` MNIST test images (all sound except CRT's):
 
@@ -21,8 +22,8 @@ Certificates compared on the first ``--limit`` MNIST test images (all sound exce
   comparison; "runner-up" checks only the runner-up class, as their evaluation does.
 
 Reported: certified accuracy at each ε, time per image (after the one-off compile and pairwise
-margins, reported separately), and the attack-certificate upper bound of the convex solver. JSON goes
-to ``--out`` (default benchmarks/results/certify_crt.json).
+margins, reported separately), and the attack-certificate upper bound of the convex solver. JSON
+goes to ``--out`` (default benchmarks/results/certify_crt.json).
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-crt", action="store_true", help="skip CRT's certificate")
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "certify_crt.json"))
+    parser.add_argument("--out",
+                        default=str(Path(__file__).parent / "results" / "certify_crt.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     net = crt_model(args.checkpoint)
@@ -149,7 +151,7 @@ def main() -> None:
             "median_radius": float(cert.radius[cert.correct].median()),
         }
         print(f"{solver:10s} " + "  ".join(f"{a:.4f}" for a in accs)
-              + f"   attack bound " + "  ".join(f"{u:.4f}" for u in upper)
+              + "   attack bound " + "  ".join(f"{u:.4f}" for u in upper)
               + f"   {dt:.3f} s/image, {len(adv)} attacks ({flipped} misclassified)")
     if not args.no_crt:
         t0 = time.perf_counter()

@@ -44,7 +44,8 @@ def ray_distance(net, x0, directions=360, r_max=3.0, step=1e-2):
         pred = net(pts.reshape(-1, 2)).argmax(1).reshape(directions, -1)
         flips = pred != p
         has = flips.any(1)
-        first = torch.where(has, flips.double().argmax(1), torch.zeros(directions, dtype=torch.long))
+        zero = torch.zeros(directions, dtype=torch.long)
+        first = torch.where(has, flips.double().argmax(1), zero)
         lo, hi = (first.double()) * step, (first.double() + 1) * step  # change within (lo, hi]
         for _ in range(40):
             mid = (lo + hi) / 2
