@@ -170,10 +170,14 @@ def _margins(bf, differentiable: bool, pair_steps: int | None = None) -> Margins
     for name, (L, M) in bounds.nodes.items():
         values[f"L_{name}"] = ctx.keep(L)
         values[f"M_{name}"] = ctx.keep(M)
+    one_sided = not (differentiable or pair_steps is not None)  # training: two-sided only
+    only_sides = {a for more in (fold.lower, fold.upper) for args in more.values()
+                  for e in args for a in e.free_symbols}
     try:
-        if differentiable or pair_steps is not None:
+        if not one_sided:
             for sym, pq in fold.fold.items():
-                values[sym.name] = pq.pairs(ctx)
+                if sym not in only_sides:
+                    values[sym.name] = pq.pairs(ctx)
         else:
             values.update(pair_values(bf, fold, ctx))
     except NotImplementedError as exc:
@@ -188,7 +192,7 @@ def _margins(bf, differentiable: bool, pair_steps: int | None = None) -> Margins
     curv = evaluate_expression(curv_expr, values, ctx.device).expand(len(ctx.i))
     sides = {}
     for key, more in (("lower", fold.lower), ("upper", fold.upper)):
-        if more:
+        if more and one_sided:
             sides[key] = out_info.curvature.xreplace({
                 m: sympy.Min(*m.args, *fold.extra.get(m, ()), *more.get(m, ()), evaluate=False)
                 for m in {*fold.extra, *more}
