@@ -19,9 +19,12 @@ DOCTEST_MODULES = [
     "curvbound",
     "curvbound.compiler.registry",
     "curvbound.compiler.naming",
+    "curvbound.compiler.trace",
+    "curvbound.compiler.bound_function",
+    "curvbound.pipeline",
     "curvbound.passes.rules.base",
     "curvbound.runtime.norms",
-    "curvbound.runtime.layers",
+    "curvbound.apps.nn",
     "curvbound.apps.training",
 ]
 
