@@ -15,6 +15,13 @@ g_i = ‖∇(f_i − f_p)(x)‖ and constants L_i, M_i of the margin f_i − f_p
   adversarial example); the point x + t·u for a t just above t* is returned, with a flag saying
   whether it lies in the input domain.
 
+Solvers (``solver=``): ``"closed"`` is the closed form above with two-sided constants (the paper's);
+``"one-sided"`` uses in it the smaller one-sided constants K with ∇²(f_p − f_i) ⪰ −K·I
+(``bf.margins().neg_curvature``; for the attack, ∇²(f_i − f_p) ⪰ −K·I); ``"convex"`` (default)
+takes per class the larger of that and the convex dual certificate of
+:mod:`curvbound.runtime.convex` (global one-sided K), whose iterates beyond the boundary, confirmed
+by a forward pass, become attack certificates when nearer than t*.
+
 Constants of the margins: pairwise ones from ``bf.margins()`` (theory §5) where it is available,
 else √2 times the global bound (the certificate's ``margin_source`` says which), and, with
 ``local=True``, the curvature anchored at x (theory §7, :mod:`curvbound.runtime.anchored`) —
