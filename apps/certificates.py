@@ -354,7 +354,7 @@ class Certifier:
         self._pairs(bf)
         names = anchor_state(bf).nodes if self.local else []
         self.capture = Capture(bf.gm, names)
-        self._plain: Capture | None = None
+        self._plain: nn.Module | None = None
         self.anchored_pairs = _AnchoredPairs(bf) if self.local else None
 
     def _pairs(self, bf) -> None:
@@ -515,9 +515,11 @@ class Certifier:
         """The convex certificate of every margin f_p − f_i (runtime/convex.py): per (B, K) the
         radius lower bound (0 where not computed), and per sample the nearest verified adversarial
         point (distance ∞ where none), its point and its class."""
-        if self._plain is None:
-            self._plain = Capture(self.bf.gm, [])
-        fn = lambda z: self._plain(z)[0]  # noqa: E731
+        if self._plain is None:  # a float64 copy of the traced model for the solver's steps
+            self._plain = copy.deepcopy(self.bf.gm).to(torch.float64).eval()
+            for prm in self._plain.parameters():
+                prm.requires_grad_(False)
+        fn = self._plain
         b, k = len(x), self.classes
         rows = torch.arange(b).repeat_interleave(k)
         cls = torch.arange(k).repeat(b)
