@@ -28,6 +28,13 @@ else √2 times the global bound (the certificate's ``margin_source`` says which
 per pair when the output layer can fold the margin, else √2 times the anchored bound; each
 M_i is the smallest of the valid bounds.
 
+Activations whose torch implementation switches formulas (``nn.Softplus``/``F.softplus`` return x
+once βx > threshold) make torch's map f discontinuous: f = F + E with F the smooth twin
+(``bf.smooth_twin()``), whose constants the bounds are, and ‖E‖ ≤ ε = ``bf().error``. The
+prediction p is f's; gaps, gradients and anchors are F's, and every gap is lowered by √2·ε
+(raised for attacks), because |(e_i − e_p)ᵀE| ≤ √2·ε: f_i − f_p < 0 on the ball follows from
+F_i − F_p < −√2·ε there. With ε = 0 (no switching activation) nothing changes.
+
 Numerics: everything runs in float64 on a float64 copy of the model. Logit gaps are lowered and
 gradient norms raised (raised and lowered for attacks) by 1e-9 relative, which covers the rounding
 of a float64 forward and backward pass by a wide margin, and radii are rounded down.
@@ -162,6 +169,9 @@ class Certificate:
     local: bool
     curvature_used: bool
     notes: list[str] = field(default_factory=list)
+    #: √2·ε subtracted from every logit gap (added for attacks), ε = ``Bounds.error``: how far
+    #: torch's switching activations can move a margin from the smooth twin's (0 without them)
+    error: float = 0.0
     solver: str = "closed"
     convex_radius: Tensor | None = None
 
@@ -353,7 +363,18 @@ class Certifier:
         self.global_curvature = float(glob.curvature)
         self._pairs(bf)
         names = anchor_state(bf).nodes if self.local else []
-        self.capture = Capture(bf.gm, names)
+        twins = getattr(bf, "_twins", {})
+        # torch's switching activations: gaps, gradients and anchors come from the smooth twin,
+        # the prediction from the model itself, and √2·ε covers the difference (module docstring)
+        self.capture = Capture(bf.gm, names, twins=twins)
+        self.real = Capture(bf.gm, []) if twins else None
+        eps = float(glob.error)
+        self.error = eps * math.sqrt(2) * (1 + 4 * 2.0**-53) if eps else 0.0
+        if eps:
+            self.notes.append(
+                f"torch's switching activations ({', '.join(sorted(twins))}): every logit gap "
+                f"lowered by √2·error = {self.error:.3g} (Bounds.error)"
+            )
         self._plain: nn.Module | None = None
         self.anchored_pairs = _AnchoredPairs(bf) if self.local else None
 
@@ -399,7 +420,13 @@ class Certifier:
             logits, values = self.capture(x64)
             if logits.dim() != 2 or logits.shape[1] != self.classes:
                 raise InputError(f"the model returned shape {tuple(logits.shape)}, expected (B, K)")
-            pred = logits.argmax(dim=1)
+            if self.real is not None:  # torch's prediction; the twin's logits for the gaps
+                with torch.no_grad():
+                    real = self.real(x64.detach())[0]
+                pred = real.argmax(dim=1)
+            else:
+                real = None
+                pred = logits.argmax(dim=1)
             grads = _margin_gradients(logits, x64, pred)  # (K, B, *shape)
         logits = logits.detach()
         b, k = logits.shape
@@ -434,7 +461,7 @@ class Certifier:
             curv_att = torch.minimum(curv_att, torch.where(is_p, inf, neg_att))
         scale = logits.abs()
         slack = _REL * (scale + scale.gather(1, pred[:, None])) + 1e-300
-        m_lo = torch.where(is_p, inf, (gaps - slack).clamp_min(0))
+        m_lo = torch.where(is_p, inf, (gaps - slack - self.error).clamp_min(0))
         g_hi = g * (1 + _REL) + 1e-300
         # certified radii
         r_lip = torch.where(is_p, inf, lipschitz_radius(m_lo, lip)).amin(dim=1) * _DOWN
@@ -451,7 +478,7 @@ class Certifier:
         if correct is not None:
             radius = torch.where(correct, radius, torch.zeros_like(radius))
         # attack certificates
-        m_hi = gaps + slack
+        m_hi = gaps + slack + self.error
         g_lo = (g * (1 - _REL)).clamp_min(0)
         t_star = torch.where(is_p, inf, attack_distance(m_hi, g_lo, curv_att))
         root = torch.sqrt((g_lo * g_lo - 2 * curv_att * m_hi).clamp_min(0))
@@ -489,7 +516,7 @@ class Certifier:
             predicted=pred,
             label=y,
             correct=correct,
-            margin=_runner_up_gap(logits),
+            margin=_runner_up_gap(logits if real is None else real),
             lipschitz_radius=r_lip,
             curvature_radius=r_curv,
             radius=radius,
@@ -507,6 +534,7 @@ class Certifier:
             local=self.local,
             curvature_used=self.curvature_used,
             notes=list(self.notes),
+            error=self.error,
             solver=self.solver if self.curvature_used else "closed",
             convex_radius=None if convex is None else torch.where(is_p, inf, convex[0]),
         )
@@ -515,11 +543,16 @@ class Certifier:
         """The convex certificate of every margin f_p − f_i (runtime/convex.py): per (B, K) the
         radius lower bound (0 where not computed), and per sample the nearest verified adversarial
         point (distance ∞ where none), its point and its class."""
-        if self._plain is None:  # a float64 copy of the traced model for the solver's steps
-            self._plain = copy.deepcopy(self.bf.gm).to(torch.float64).eval()
-            for prm in self._plain.parameters():
-                prm.requires_grad_(False)
-        fn = self._plain
+        if self._plain is None:
+            # the float64 (smooth-twin) copy the certificates' gradients come from; called
+            # through its graph module so that the solver's steps are not counted as samples
+            twins = getattr(self.bf, "_twins", {})
+            self._plain = Capture(self.bf.gm, [], twins=twins).gm
+        plain = self._plain
+
+        def fn(z: Tensor) -> Tensor:
+            return plain(z)[0]
+
         b, k = len(x), self.classes
         rows = torch.arange(b).repeat_interleave(k)
         cls = torch.arange(k).repeat(b)
@@ -531,7 +564,10 @@ class Certifier:
         k_neg = self.pair_neg_curvature[p, cls]
         k_pos = self.pair_neg_curvature[cls, p]
         outer, inner = self.convex_steps
-        res = convex_radii(fn, x[rows], p, cls, k_neg, k_pos, outer=outer, inner=inner)
+        # the one-sided K bounds the smooth twin; torch's margin differs by at most √2·ε, so
+        # the distance to {twin margin ≤ √2·ε} bounds torch's (offset = self.error)
+        res = convex_radii(fn, x[rows], p, cls, k_neg, k_pos, outer=outer, inner=inner,
+                           offset=self.error)
         radii = torch.zeros(b, k, dtype=torch.float64)
         radii[rows, cls] = res.radius
         # the primal points: adversarial when the float64 forward pass says so
@@ -540,8 +576,9 @@ class Certifier:
         klass = torch.full((b,), -1, dtype=torch.long)
         found = torch.isfinite(res.primal_distance).nonzero()[:, 0]
         if len(found):
-            with torch.no_grad():
-                at = fn(res.primal_points[found]).argmax(dim=1)
+            with torch.no_grad():  # torch's own model decides (not the smooth twin)
+                pts = res.primal_points[found]
+                at = (self.real(pts)[0] if self.real is not None else fn(pts)).argmax(dim=1)
             ok = at != p[found]
             found, at = found[ok], at[ok]
             for j, a in zip(found.tolist(), at.tolist()):

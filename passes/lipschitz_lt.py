@@ -47,6 +47,7 @@ from torch import fx
 
 from ..compiler.codegen import round_up
 from ..compiler.context import Elementwise, RuleContext, Transfer
+from ..compiler.exprs import LazyMin, smin
 from ..compiler.naming import node_label
 from ..runtime.margins import MarginFold, PairLipLT, PairScaledRows, PairVectorNorm
 from ..runtime.norms import Norm
@@ -91,25 +92,6 @@ class ChainSegment(Segment):
         self.nodes: list[fx.Node] = list(nodes)
         self.acts: list[tuple[sympy.Expr, sympy.Expr, sympy.Expr]] = list(acts)
         self.symbols: dict[tuple[int, int], sympy.Symbol] = {}
-
-
-class LazyMin(sympy.Min):
-    """``sympy.Min`` that does not compare its arguments, also when rebuilt by ``xreplace``:
-    each argument is a valid bound, and sympy's pairwise comparisons of large symbolic bounds are
-    slow without deciding anything. Printed, rounded and differentiated as ``Min``."""
-
-    def __new__(cls, *args, **assumptions):
-        args = tuple(dict.fromkeys(sympy.sympify(a) for a in args))
-        if all(a.is_number for a in args):
-            return sympy.Min(*args)
-        assumptions["evaluate"] = False
-        return super().__new__(cls, *args, **assumptions)
-
-
-def smin(*args: sympy.Expr) -> sympy.Expr:
-    """min of bounds (a :class:`LazyMin`, or the argument itself when there is one)."""
-    unique = list(dict.fromkeys(args))
-    return unique[0] if len(unique) == 1 else LazyMin(*unique)
 
 
 def slope_split(info: Elementwise) -> tuple[sympy.Expr, sympy.Expr]:
@@ -373,7 +355,7 @@ def expanded_ops(ctx: RuleContext, n: fx.Node, kind: str = "M") -> int:
     key = (kind, id(t))
     if key not in memo:
         expr = t.curvature if kind == "M" else t.lipschitz
-        nodes = {m.name: m for m in n.graph.nodes}
+        nodes = _nodes_by_name(n.graph)
         size = sympy.count_ops(expr)
         for atom in sympy.preorder_traversal(expr):
             name = getattr(atom, "name", "")
@@ -381,6 +363,16 @@ def expanded_ops(ctx: RuleContext, n: fx.Node, kind: str = "M") -> int:
                 size += expanded_ops(ctx, nodes[name[2:]], name[0])
         memo[key] = size
     return memo[key]
+
+
+def _nodes_by_name(graph: fx.Graph) -> dict[str, fx.Node]:
+    """``{name: node}`` of ``graph``, built once per graph (rebuilding it for every node made
+    :func:`expanded_ops` quadratic in depth)."""
+    cached = getattr(graph, "_curvbound_nodes", None)
+    if cached is None or len(cached) != len(graph.nodes):
+        cached = {m.name: m for m in graph.nodes}
+        graph._curvbound_nodes = cached
+    return cached
 
 
 def final_block(ctx: RuleContext, t: Transfer) -> Transfer | None:

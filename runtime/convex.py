@@ -132,6 +132,7 @@ def convex_radii(
     inner: int = 12,
     chunk: int = 2048,
     accept_tol: float | None = None,
+    offset: float = 0.0,
 ) -> ConvexRadii:
     """Lower bounds on min ‖x − x₀‖ s.t. f_p(x) ≤ f_i(x), one problem per row (module docstring).
 
@@ -142,6 +143,8 @@ def convex_radii(
         k_pos: K₊ with ∇²(f_p − f_i) ⪯ K₊·I (only the step size depends on it), (P,).
         outer: bisection steps on η; ``inner``: gradient steps per η (warm-started).
         chunk: problems per batch of network evaluations.
+        offset: bound the distance to {f_p − f_i ≤ offset} instead (≥ 0; e.g. the √2·ε by which
+            torch's switching activations may move a margin from the smooth twin's).
         accept_tol: **not a certificate; for comparison with CRT only.** Instead of the rigorous
             bound B(η, y), take F_η(y) itself at the current η wherever ‖∇F_η(y)‖ < accept_tol
             (the acceptance rule of Singla & Feizi's implementation, which trusts the inner
@@ -153,7 +156,7 @@ def convex_radii(
     for s in range(0, len(x0), chunk):
         sl = slice(s, s + chunk)
         out = _solve(fn, x0[sl], pred[sl], target[sl], k_neg[sl].double(), k_pos[sl].double(),
-                     outer, inner, accept_tol)
+                     outer, inner, accept_tol, float(offset))
         parts.append(out)
         evals += out.evaluations
     if not parts:
@@ -166,20 +169,21 @@ def convex_radii(
     )
 
 
-def _evaluate(fn, y: Tensor, pred: Tensor, target: Tensor):
+def _evaluate(fn, y: Tensor, pred: Tensor, target: Tensor, offset: float = 0.0):
     """φ(y) = f_p − f_i lowered by the rounding slack, φ̂, ∇φ̂ (flattened) and the slack."""
     with torch.enable_grad():
         yv = y.detach().requires_grad_(True)
         logits = fn(yv)
         rows = torch.arange(len(y))
         fp, fi = logits[rows, pred], logits[rows, target]
-        phi = fp - fi
+        phi = fp - fi - offset
         (grad,) = torch.autograd.grad(phi.sum(), yv)
     slack = _REL * (fp.abs() + fi.abs()).detach() + 1e-300
     return phi.detach(), grad.flatten(1).detach(), slack
 
 
-def _solve(fn, x0, pred, target, k_neg, k_pos, outer, inner, accept_tol=None) -> ConvexRadii:
+def _solve(fn, x0, pred, target, k_neg, k_pos, outer, inner, accept_tol=None,
+           offset=0.0) -> ConvexRadii:
     p = len(x0)
     shape = x0.shape
     flat0 = x0.flatten(1)
@@ -187,7 +191,7 @@ def _solve(fn, x0, pred, target, k_neg, k_pos, outer, inner, accept_tol=None) ->
     gamma = 1.01 * (n + 8) * 2.0**-53 / (1 - (n + 8) * 2.0**-53)
     k = k_neg.clamp_min(0) * (1 + 4 * 2.0**-53)
     kp = k_pos.clamp_min(0)
-    phi0, g0, _ = _evaluate(fn, x0, pred, target)
+    phi0, g0, _ = _evaluate(fn, x0, pred, target, offset)
     evals = 1
     eta_lin = 2 * phi0.clamp_min(0) / (g0.norm(dim=1) ** 2).clamp_min(1e-300)
     cap = torch.where(k > 0, 2 * (1 - 1e-3) / k.clamp_min(1e-300), torch.full_like(k, math.inf))
@@ -215,7 +219,7 @@ def _solve(fn, x0, pred, target, k_neg, k_pos, outer, inner, accept_tol=None) ->
         beta = ((q - 1) / (q + 1))[:, None]
         y, x_prev = x.clone(), x.clone()
         for _ in range(inner):
-            phi, grad, slack = _evaluate(fn, y.reshape(shape), pred, target)
+            phi, grad, slack = _evaluate(fn, y.reshape(shape), pred, target, offset)
             evals += 1
             diff = y - flat0
             dist2 = (diff * diff).sum(dim=1)
@@ -241,7 +245,7 @@ def _solve(fn, x0, pred, target, k_neg, k_pos, outer, inner, accept_tol=None) ->
             x_prev = x_new
         x = x_prev
         # bisection: φ(x*(η)) > 0 → the multiplier must grow
-        phi_x, _, slack_x = _evaluate(fn, x.reshape(shape), pred, target)
+        phi_x, _, slack_x = _evaluate(fn, x.reshape(shape), pred, target, offset)
         evals += 1
         candidates(x, phi_x, slack_x)
         grow = phi_x > 0
@@ -254,7 +258,7 @@ def _solve(fn, x0, pred, target, k_neg, k_pos, outer, inner, accept_tol=None) ->
     if found.any():
         for scale in (1.0 + 1e-4, 1.0 + 1e-3, 1.01, 1.1):
             y = torch.where(found[:, None], flat0 + scale * (x_hi - flat0), flat0)
-            phi_y, _, slack_y = _evaluate(fn, y.reshape(shape), pred, target)
+            phi_y, _, slack_y = _evaluate(fn, y.reshape(shape), pred, target, offset)
             evals += 1
             candidates(y, torch.where(found, phi_y, torch.full_like(phi_y, math.inf)), slack_y)
     radius = best.clamp_min(0).sqrt() * (1 - 1e-12)
