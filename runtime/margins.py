@@ -199,7 +199,7 @@ class PairScaledRows:
         with exact_arithmetic():
             w = ctx.keep(matrix_of(self.W))
         n_in = w.shape[1]
-        if (ctx.pair_steps is None and n_in < m
+        if (ctx.pair_steps is None and not ctx.grad and n_in < m
                 and float(n_in) ** 3 * len(ctx.i) <= 5 * PAIR_EIG_BUDGET):
             return self._narrow(ctx, r, w)
         t = w @ w.T
