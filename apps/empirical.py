@@ -76,6 +76,7 @@ __all__ = [
     "curvature_lower_bound",
     "hessian_lower_bound",
     "lipschitz_lower_bound",
+    "neg_curvature_lower_bound",
 ]
 
 Tensor = torch.Tensor
@@ -315,6 +316,36 @@ class _PointHessian:
 
     def value(self, x: Tensor, d: Tensor) -> Tensor:
         return _hvp(self._g, x, self.v, True).norm(dim=1)
+
+
+class _PointNegEigen:
+    """−vᵀ∇²g(x)v with v (unit) the eigenvector of ∇²g(x) of smallest λ: a Rayleigh quotient, so
+    −vᵀ∇²g(x)v ≤ −λ_min(∇²g(x)) whatever v is (exactly when n ≤ ``exact_dim``, else v by power
+    iteration on s·I − ∇²g(x), s the largest ‖∇²g(x)w‖ seen so far times 2)."""
+
+    def __init__(self, prob: _Problem, v0: Tensor, exact: bool, power_steps: int) -> None:
+        self.prob, self.v, self.exact, self.power_steps = prob, v0, exact, power_steps
+        self.power_iterated = not exact
+        self.shift = torch.zeros(len(v0), 1, dtype=v0.dtype)
+
+    def _g(self, z: Tensor) -> Tensor:
+        return self.prob.fn(z)[:, 0]
+
+    def refresh(self, x: Tensor, d: Tensor, steps: int | None = None) -> Tensor:
+        x = x.detach()
+        if self.exact:
+            hess = _hessian(self._g, x)
+            lam, vec = torch.linalg.eigh(0.5 * (hess + hess.transpose(1, 2)))
+            self.v = vec[:, :, 0]
+            return self.value(x, d).detach()
+        for _ in range(steps or self.power_steps):
+            hv = _hvp(self._g, x, self.v, False)
+            self.shift = torch.maximum(self.shift, 2 * hv.norm(dim=1, keepdim=True))
+            self.v = _unit(self.shift * self.v - hv)
+        return self.value(x, d).detach()
+
+    def value(self, x: Tensor, d: Tensor) -> Tensor:
+        return -(_hvp(self._g, x, self.v, True) * self.v).sum(dim=1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -697,3 +728,36 @@ def straddling_pairs(model: nn.Module, input_shape: Shape, *, samples: int = 16,
     with torch.no_grad():
         ok = keep & (g(lo) <= 0) & (g(hi) > 0)
     return x[ok].reshape(-1, *shape), y[ok].reshape(-1, *shape)
+
+
+def neg_curvature_lower_bound(g: Callable[[Tensor], Tensor] | nn.Module, input_shape: Shape, *,
+                              samples: int | None = None, steps: int | None = None,
+                              lr: float = 0.2, scale: float = 1.0, radius: float | None = None,
+                              center: Tensor | None = None, exact_dim: int = 32,
+                              power_steps: int = 4, polish_steps: int = 30,
+                              budget: float = _BUDGET, time_limit: float | None = None,
+                              dtype: torch.dtype = torch.float64, seed: int = 0) -> float:
+    """An attained lower bound on sup_x −λ_min(∇²g(x)) for a scalar g: the smallest K with
+    ∇²g ⪰ −K·I everywhere is at least this (an estimate from below, never certified).
+
+    Gradient ascent over points on −vᵀ∇²g(x)v, v the eigenvector of the smallest eigenvalue
+    (exact when n ≤ ``exact_dim``, else power iteration on a shifted Hessian); every value is a
+    Rayleigh quotient at a concrete point, so it is ≤ −λ_min there. Knobs as for
+    :func:`hessian_lower_bound`. The result may be negative (g strongly convex).
+
+    >>> round(neg_curvature_lower_bound(lambda x: x[:, 0] ** 2 - 3 * x[:, 1] ** 2, (2,)), 6)
+    6.0
+    """
+    prob, dom, gen, deadline = _setup(g, input_shape, None, center, scale, radius, dtype, seed,
+                                      time_limit)
+    if prob.m != 1:
+        raise ValueError(f"neg_curvature_lower_bound needs a scalar function, got {prob.m} "
+                         "outputs; wrap a classifier in Margin(model, i, j)")
+    exact = prob.n <= exact_dim
+    evals = 15.0 * prob.n + 30.0 if exact else 15.0 * power_steps + 30.0
+    n_points, n_steps = _plan(samples, steps, evals, prob, budget)
+    x, d = _start(dom, gen, n_points, False, dtype)
+    objective = _PointNegEigen(prob, _random_unit(gen, n_points, prob.n, dtype), exact,
+                               power_steps)
+    return _ascend(objective, dom, x, d, steps=n_steps, lr=lr, move_x=True, move_d=False,
+                   polish_steps=polish_steps, deadline=deadline)

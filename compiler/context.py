@@ -93,7 +93,10 @@ class Transfer:
 @dataclass(frozen=True)
 class Elementwise:
     """What an elementwise activation v = σ(input) tells its consumers: sup|σ'| (``slope``),
-    sup|σ''| (``curvature``) and proven bounds ``lo ≤ σ' ≤ hi`` (the slope range LipLT needs)."""
+    sup|σ''| (``curvature``) and proven bounds ``lo ≤ σ' ≤ hi`` (the slope range LipLT needs).
+    ``second``: proven global bounds (a, b) with a ≤ σ'' ≤ b everywhere for a C² activation (the
+    sign structure one-sided margin curvature uses), None when unknown (then (−c, c) with c the
+    global sup|σ''|)."""
 
     input: fx.Node
     slope: sympy.Expr
@@ -101,6 +104,7 @@ class Elementwise:
     lo: sympy.Expr
     hi: sympy.Expr
     name: str = "σ"
+    second: tuple[sympy.Expr, sympy.Expr] | None = None
 
 
 #: A pass that refines the transfer of an affine node: ``refine(ctx, transfer) -> transfer``. The

@@ -248,7 +248,12 @@ def refine_affine(ctx: RuleContext, t: Transfer) -> Transfer:
         curvature=curvature,
         quantities=quantities,
         note=note,
-        margin=MarginFold(op, fold, extra),
+        margin=MarginFold(
+            op, fold,
+            {m: v for m, v in extra.items() if not isinstance(m, tuple)},
+            lower={m[1]: v for m, v in extra.items() if isinstance(m, tuple) and m[0] == "lower"},
+            upper={m[1]: v for m, v in extra.items() if isinstance(m, tuple) and m[0] == "upper"},
+        ),
     )
 
 
@@ -299,6 +304,12 @@ def _block(ctx, seg, n, act, info, quantities, fold, paper: bool = False):
             sf = ctx.symbol("sfnorm")
             fold[sf] = PairScaledRows(G, W, 0.5)
             extra[own] = (sf * ctx.L(z) ** 2,)
+            sides = _one_sided_weights(info)
+            if sides is not None:
+                for key, (wp, wn) in zip(("lower", "upper"), sides):
+                    s = ctx.symbol(f"sf{key}")
+                    fold[s] = PairScaledRows(G, W, 0.5, signs=(wp, wn))
+                    extra[(key, own)] = (s * ctx.L(z) ** 2,)
     else:
         own = smin(*first)
     # The second term: the chain rule's sup|σ'|·‖G‖·M_u (M_u from u's own block rule: tighter
@@ -310,6 +321,23 @@ def _block(ctx, seg, n, act, info, quantities, fold, paper: bool = False):
     if final or expanded_ops(ctx, u) + expanded_ops(ctx, z) <= BOTH_TERMS_OPS:
         return curv * own + smin(chain, looped), extra
     return curv * own + chain, extra
+
+
+def _one_sided_weights(info: Elementwise) -> tuple[tuple[float, float], ...] | None:
+    """Weights (w₊, w₋) of the one-sided final-block terms (runtime/margins.py, :class:`Margins`)
+    for an activation with proven a ≤ σ'' ≤ b (``info.second``), relative to h = max(−a, b):
+    lower: c̃ⱼσ''ⱼ ≥ −h·(c̃ⱼ⁺·(−a/h) + c̃ⱼ⁻·(b/h)); upper: c̃ⱼσ''ⱼ ≤ h·(c̃ⱼ⁺·(b/h) + c̃ⱼ⁻·(−a/h)).
+    None without a range, or for a symmetric one (the two-sided bound is as good)."""
+    if info.second is None:
+        return None
+    a, b = (sympy.sympify(v) for v in info.second)
+    if not (a.is_number and b.is_number) or a > 0 or b < 0 or a == -b:
+        return None
+    h = sympy.Max(-a, b)
+    if info.curvature.is_number and h > info.curvature:
+        return None  # the expression's sup|σ''| must be at least h
+    wa, wb = (round_up(v) for v in (-a / h, b / h))
+    return (wa, wb), (wb, wa)
 
 
 _SIZE_KEY = "curvbound.expanded_ops"

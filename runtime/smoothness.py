@@ -80,7 +80,9 @@ class Smoothness:
 
     ``slope`` ≥ sup|σ'|, ``curvature`` ≥ sup|σ''| (∞ when σ' is discontinuous), and
     ``slope_range[0]`` ≤ inf σ' ≤ sup σ' ≤ ``slope_range[1]``. When ``exact`` is true, all of these
-    are the exact values.
+    are the exact values. ``curvature_range``, when given, holds proven bounds
+    lo ≤ σ''(z) ≤ hi for every z of a C² activation (softplus: (0, β/4)); one-sided margin
+    curvature bounds (runtime/margins.py) use its sign structure. None: (−curvature, curvature).
     """
 
     name: str
@@ -101,6 +103,8 @@ class Smoothness:
     slope_jump: sympy.Expr = sympy.Integer(0)
     #: σ itself, computed without switching, for the models' smooth twins (None when ``jump`` = 0)
     twin: Callable[[Tensor], Tensor] | None = None
+    #: proven bounds lo ≤ σ'' ≤ hi of a C² σ (softplus: (0, β/4)); None: (−curvature, curvature)
+    curvature_range: tuple[sympy.Expr, sympy.Expr] | None = None
 
     @property
     def jump_float(self) -> float:
@@ -265,6 +269,7 @@ def _softplus(beta: float, threshold: float | None = None) -> Smoothness:
         fn, lambda z: torch.sigmoid(beta * z),
         lambda z: beta * torch.sigmoid(beta * z) * torch.sigmoid(-beta * z), True,
         jump, slope_jump, twin_or_none,
+        curvature_range=(_ZERO, b / 4),  # σ'' = β·s(βz)·s(−βz) > 0: softplus is convex
     )  # fmt: skip
 
 
@@ -285,6 +290,7 @@ def _centered_softplus(beta: float) -> Smoothness:
         f"centered_softplus(beta={_fmt(beta)})", s.slope, s.curvature, s.slope_range, True,
         "shift of softplus; " + s.method, lambda z: smooth_softplus(z, beta) - shift, s.d1, s.d2,
         True,
+        curvature_range=s.curvature_range,
     )  # fmt: skip
 
 

@@ -136,11 +136,14 @@ def elementwise_transfer(
     u = ctx.input()
     lo, hi = (number(v) for v in slope_range) if slope_range is not None else (-a, a)
     kappa: dict = {}
+    second = getattr(record, "curvature_range", None)
+    if second is not None:
+        second = (number(second[0]), number(second[1]))
     if ctx.anchor is not None and c != sympy.oo:
         found = ctx.anchor.curvature(ctx, u, record)
         if found is not None:
             c, kappa = found[0], dict([found])
-    info = Elementwise(u, a, c, lo, hi, name)
+    info = Elementwise(u, a, c, lo, hi, name, second)
     L = a * ctx.L(u)
     switch = _own_error(ctx, record)
     if c == sympy.oo:
