@@ -48,6 +48,7 @@ See ``docs/index.md`` to start, ``docs/theory.md`` for why each rule is sound an
 from . import zoo
 from .apps.anchored import AnchoredBounds, anchored_bounds
 from .apps.certificates import AdversarialExamples, Certificate, certify, certify_dataset
+from .apps.training import Accuracy, CurvaturePenalty, margin_radii, radius_loss
 from .compiler import errors as errors
 from .compiler.bound_function import BoundFunction, Bounds
 from .compiler.context import RuleContext, Transfer
@@ -96,6 +97,10 @@ __all__ = [
     "AdversarialExamples",
     "anchored_bounds",
     "AnchoredBounds",
+    "CurvaturePenalty",
+    "Accuracy",
+    "radius_loss",
+    "margin_radii",
 ]
 
 

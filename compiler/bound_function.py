@@ -121,15 +121,17 @@ class BoundFunction(nn.Module):
             return self._node_certified.get(self.output, False)
         return self.norms == "certified" and all(q.certified for q in self.quantities.values())
 
-    def margins(self):
+    def margins(self, *, differentiable: bool = False, pair_steps: int | None = None):
         """Bounds on every logit difference f_i − f_j, a :class:`~.margins.Margins`,
         with K×K ``lipschitz`` and ``curvature`` tensors (zero diagonal) and ``certified``.
 
         Each pair c = e_i − e_j is folded into the last linear layer and only the output block is
         recomputed, for all pairs in one batch (theory §5); where that does not apply the result is
         √2 times the global bound and ``.pairwise`` is False. See :mod:`curvbound.runtime.margins`.
+        ``differentiable=True`` (estimate mode) keeps the result on the weights' autograd graph;
+        ``pair_steps`` (see :func:`~.margins.margins`) tracks the per-pair eigenvectors instead.
         """
-        return margins(self)
+        return margins(self, differentiable=differentiable, pair_steps=pair_steps)
 
     def node_certified(self, name: str) -> bool:
         """Whether node ``name``'s bounds are guaranteed (every quantity upstream is certified)."""

@@ -21,7 +21,7 @@ from ..runtime.margins import _U, MarginFold, _Context, pair_index
 from .codegen import print_expr
 from .rounding import rounding_exponent, rounding_factor
 
-__all__ = ["Margins", "margins", "evaluate_expression"]
+__all__ = ["Margins", "margins", "evaluate_expression", "reset_pair_vectors"]
 
 
 @dataclass
@@ -57,16 +57,16 @@ class Margins:
         )
 
 
-def evaluate_expression(expr: sympy.Expr, values: Mapping[str, Any]) -> Tensor:
+def evaluate_expression(expr: sympy.Expr, values: Mapping[str, Any], device=None) -> Tensor:
     src = print_expr(expr)
     scope = {"torch": torch, "math": math, **values}
     out = eval(compile(src, "<curvbound-margin>", "eval"), scope)  # noqa: S307 - our own printer
-    return torch.as_tensor(out, dtype=torch.float64)
+    return torch.as_tensor(out, dtype=torch.float64, device=device)
 
 
 def _square(values: Tensor, k: int) -> Tensor:
-    out = torch.zeros(k, k, dtype=torch.float64)
-    i, j = pair_index(k)
+    out = torch.zeros(k, k, dtype=torch.float64, device=values.device)
+    i, j = (t.to(values.device) for t in pair_index(k))
     out[i, j] = values
     out[j, i] = values
     return out
@@ -82,15 +82,41 @@ def _fallback(bf, reason: str, k: int) -> Margins:
     return Margins(lip, curv, bool(b.certified), False, bf.method, note)
 
 
-@torch.no_grad()
-def margins(bf) -> Margins:
+def margins(bf, *, differentiable: bool = False, pair_steps: int | None = None) -> Margins:
     """Pairwise Lipschitz and curvature bounds of every margin f_i − f_j of ``bf``'s model.
 
     Evaluates ``bf()`` once (the current power-iteration state; refresh first for converged
     estimates) and folds each pair c = e_i − e_j into the output node (module docstring). Falls
     back to √2 times the global bound, saying so in ``.note``, when the output node is not a
     linear layer whose rule recorded how to fold c.
+
+    ``differentiable=True`` (estimate mode only) keeps the whole computation on the autograd
+    graph of the live weights, for training (:class:`curvbound.CurvaturePenalty` with
+    ``margins=True``): the same quantities, with every power-iteration vector held fixed as in
+    ``bf()``; the per-pair block norms are top eigenvalues λ_max(D_c·WWᵀ·D_c) from ``eigvalsh``,
+    whose derivative is vᵀ(dS)v (v the top eigenvector; exact where λ_max is simple).
+    ``pair_steps=k`` (estimate mode) replaces those eigenvalue problems by warm-started per-pair
+    power iteration, k steps per call (cheaper; an estimate from below like every other
+    power-iteration norm; see :class:`~curvbound.runtime.margins.PairScaledRows`).
     """
+    if differentiable and bf.norms == "certified":
+        raise ValueError(
+            "margins(differentiable=True) needs an estimate-mode bound (norms='estimate'): "
+            "certified norms are not differentiable"
+        )
+    with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+        return _margins(bf, differentiable, pair_steps)
+
+
+def reset_pair_vectors(bf) -> None:
+    """Restart the tracked per-pair vectors of ``margins(..., pair_steps=k)`` from exact ones."""
+    fold = getattr(bf, "_margin_fold", None)
+    for pq in (fold.fold.values() if fold is not None else ()):
+        if hasattr(pq, "reset"):
+            pq.reset()
+
+
+def _margins(bf, differentiable: bool, pair_steps: int | None = None) -> Margins:
     out_info = next(nb for nb in bf._node_info if nb.name == bf.output)
     fold: MarginFold | None = getattr(bf, "_margin_fold", None)
     k = _classes(bf)
@@ -100,13 +126,14 @@ def margins(bf) -> Margins:
         return _fallback(bf, f"the output node '{bf.output}' is not a linear layer", k)
     bounds = bf()
     certified = bool(bounds.certified)
+    ctx = _Context(k, certified, grad=differentiable, device=bounds.curvature.device,
+                   pair_steps=pair_steps)
     values: dict[str, Any] = {}
     for name, q in bf.quantities.items():
-        values[name] = q().detach().double()
+        values[name] = ctx.keep(q())
     for name, (L, M) in bounds.nodes.items():
-        values[f"L_{name}"] = L.detach().double()
-        values[f"M_{name}"] = M.detach().double()
-    ctx = _Context(k, certified)
+        values[f"L_{name}"] = ctx.keep(L)
+        values[f"M_{name}"] = ctx.keep(M)
     try:
         for sym, pq in fold.fold.items():
             values[sym.name] = pq.pairs(ctx)
@@ -118,8 +145,8 @@ def margins(bf) -> Margins:
     curv_expr = out_info.curvature.xreplace(
         {m: sympy.Min(*m.args, *extra, evaluate=False) for m, extra in fold.extra.items()}
     )
-    lip = evaluate_expression(lip_expr, values).expand(len(ctx.i))
-    curv = evaluate_expression(curv_expr, values).expand(len(ctx.i))
+    lip = evaluate_expression(lip_expr, values, ctx.device).expand(len(ctx.i))
+    curv = evaluate_expression(curv_expr, values, ctx.device).expand(len(ctx.i))
     if certified:  # the float64 arithmetic of the two expressions, bounded as in compiler/rounding
         for expr, name in ((lip_expr, "lip"), (curv_expr, "curv")):
             e = rounding_exponent(expr, {})

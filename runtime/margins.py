@@ -67,24 +67,39 @@ def pair_index(k: int) -> tuple[Tensor, Tensor]:
 
 
 class _Context:
-    """Per-call cache: the rows of a map ending in G (opᵀe_k for every class k), by operator."""
+    """Per-call cache: the rows of a map ending in G (opᵀe_k for every class k), by operator.
 
-    def __init__(self, k: int, certified: bool):
-        self.k, self.certified = k, certified
-        self.i, self.j = pair_index(k)
+    ``grad``: keep the computation differentiable in the weights (estimate mode, for training);
+    ``device``: where the pair tensors live (the model's device); ``pair_steps``: None for exact
+    per-pair eigenvalues, else warm-started power iteration with that many steps per call (see
+    :class:`PairScaledRows`)."""
+
+    def __init__(self, k: int, certified: bool, *, grad: bool = False,
+                 device: torch.device | None = None, pair_steps: int | None = None):
+        self.k, self.certified, self.grad, self.device = k, certified, grad, device
+        self.pair_steps = None if certified else pair_steps
+        self.i, self.j = (t.to(device) for t in pair_index(k))
         self._rows: dict[int, Tensor] = {}
+
+    def keep(self, t: Tensor) -> Tensor:
+        """``t`` in float64, detached unless the call is differentiable."""
+        return t.double() if self.grad else t.detach().double()
+
+    def empty(self, n: int) -> Tensor:
+        return torch.empty(n, dtype=torch.float64, device=self.device)
 
     def rows(self, op: LinearOperator) -> Tensor:
         """(K, n_in) matrix whose row k is Aᵀe_k (one batched vector–Jacobian product)."""
         key = id(op)
         if key not in self._rows:
             # float64 from the float64 values of the parameters (exact_arithmetic)
-            x = torch.zeros(self.k, *op.in_shape, dtype=torch.float64, requires_grad=True)
+            x = torch.zeros(self.k, *op.in_shape, dtype=torch.float64, requires_grad=True,
+                            device=self.device)
             with exact_arithmetic(), torch.enable_grad():
                 y = op.apply(x).reshape(self.k, -1)
-                eye = torch.eye(self.k, dtype=y.dtype)
-                (g,) = torch.autograd.grad(y, x, eye)
-            self._rows[key] = g.reshape(self.k, -1).detach().double()
+                eye = torch.eye(self.k, dtype=y.dtype, device=y.device)
+                (g,) = torch.autograd.grad(y, x, eye, create_graph=self.grad)
+            self._rows[key] = self.keep(g.reshape(self.k, -1))
         return self._rows[key]
 
     def chunks(self, width: int):
@@ -103,7 +118,7 @@ class PairVectorNorm:
 
     def pairs(self, ctx: _Context) -> Tensor:
         r = ctx.rows(self.op)
-        out = torch.empty(len(ctx.i), dtype=torch.float64)
+        out = ctx.empty(len(ctx.i))
         for sl in ctx.chunks(r.shape[1]):
             out[sl] = (r[ctx.i[sl]] - r[ctx.j[sl]]).norm(dim=1)
         if ctx.certified:
@@ -122,18 +137,48 @@ class PairScaledRows:
 
     p = 1: the scalar block's vectorised-Jacobian norm ‖Â_c‖ = ‖diag(c̃)W‖ (theory §3 (c) with
     G → cᵀG); p = ½: Singla & Feizi's ‖diag(√|c̃|)W‖² (theory §5), valid for scalar outputs only.
+
+    λ_max(S_c), S_c = D_c·WWᵀ·D_c, is computed by ``eigvalsh`` per pair, or, for training
+    (estimate mode, ``pair_steps`` set), as the Rayleigh quotient v_cᵀS_c v_c of a persistent,
+    warm-started unit vector per pair advanced by ``pair_steps`` power steps per call (batched
+    matrix products instead of an eigen-decomposition per pair). S_c is PSD, so that is an
+    estimate from below, like every power-iteration norm, and its gradient with v_c held fixed
+    is v_cᵀ(dS_c)v_c, the eigenvalue's derivative at convergence. Vectors start (and
+    :meth:`reset` restarts them) from the exact top eigenvectors.
     """
 
     def __init__(self, G: LinearOperator, W: LinearOperator, power: float, *,
                  whole: Any = None, w_norm: Any = None):
         self.G, self.W, self.power = G, W, float(power)
         self.whole, self.w_norm = whole, w_norm  # quantities ‖Â‖ and ‖W‖ for the cheap bound
+        self._vectors: dict[tuple[int, int], Tensor] = {}
+
+    def reset(self) -> None:
+        """Forget the tracked per-pair vectors (the next tracked call starts exactly)."""
+        self._vectors.clear()
+
+    def _tracked(self, ctx: _Context, sl: slice, d: Tensor, t: Tensor) -> Tensor:
+        key = (sl.start, sl.stop)
+        v = self._vectors.get(key)
+        if v is None or v.shape != d.shape or v.device != d.device:
+            with torch.no_grad():
+                s = d[:, :, None] * t * d[:, None, :]
+                v = torch.linalg.eigh(s.detach())[1][:, :, -1]
+        else:
+            with torch.no_grad():
+                dd, tt = d.detach(), t.detach()
+                for _ in range(ctx.pair_steps):
+                    w = dd * ((dd * v) @ tt)  # S_c v_c for every pair (T symmetric)
+                    n = w.norm(dim=1, keepdim=True)
+                    v = torch.where(n > 0, w / n.clamp_min(1e-300), v)
+        self._vectors[key] = v.detach()
+        return (v * d * ((d * v) @ t)).sum(dim=1)
 
     def pairs(self, ctx: _Context) -> Tensor:
         r = ctx.rows(self.G)  # (K, m): row k = Gᵀe_k (exact: G has one factor)
         m = r.shape[1]
         with exact_arithmetic():
-            w = matrix_of(self.W).detach().double()
+            w = ctx.keep(matrix_of(self.W))
         t = w @ w.T
         if ctx.certified:
             e_t = _gamma(w.shape[1] + 8) * (w.abs() @ w.abs().T)  # entrywise bound on |T − T̂|
@@ -141,7 +186,7 @@ class PairScaledRows:
             return self._cheap(ctx, r, t.abs() + e_t if ctx.certified else t.abs())
         if ctx.certified:
             e_t = torch.linalg.matrix_norm(e_t)
-        out = torch.empty(len(ctx.i), dtype=torch.float64)
+        out = ctx.empty(len(ctx.i))
         for sl in ctx.chunks(m * m):
             c = (r[ctx.i[sl]] - r[ctx.j[sl]]).abs()
             if ctx.certified:
@@ -149,6 +194,9 @@ class PairScaledRows:
             d = c**self.power
             if ctx.certified:
                 d = d * (1 + 4 * _U)
+            if ctx.pair_steps is not None:
+                out[sl] = self._tracked(ctx, sl, d, t).clamp_min(0) ** (0.5 / self.power)
+                continue
             s = d[:, :, None] * t * d[:, None, :]
             lam = torch.linalg.eigvalsh(s)[:, -1].clamp_min(0)
             if ctx.certified:
@@ -165,7 +213,7 @@ class PairScaledRows:
         λ_max(DTD) ≤ max_i d_i·Σ_j |T_ij|·d_j (one matrix product for all pairs), and for p = 1
         also √2·‖Â‖ (‖Â_c‖ ≤ ‖c‖·‖Â‖ since GᵀccᵀG ⪯ ‖c‖²GᵀG) and max|c̃|·‖W‖."""
         n = len(ctx.i)
-        out = torch.empty(n, dtype=torch.float64)
+        out = ctx.empty(n)
         for sl in ctx.chunks(r.shape[1]):
             c = (r[ctx.i[sl]] - r[ctx.j[sl]]).abs()
             if ctx.certified:
@@ -193,8 +241,8 @@ class PairLipLT:
         self.mu, self.ops = mu, dict(ops)
 
     def pairs(self, ctx: _Context) -> Tensor:
-        with torch.no_grad():
-            mus = [v.detach().double() for v in self.mu.values()[:-1]]
+        with torch.set_grad_enabled(ctx.grad):
+            mus = [ctx.keep(v) for v in self.mu.values()[:-1]]
         n = self.mu.n
         pv = {key: PairVectorNorm(op).pairs(ctx) for key, op in self.ops.items()}
         total = liplt_step(n, self.mu.acts, mus, pv.__getitem__)
@@ -211,9 +259,9 @@ class PairCRT:
 
     def pairs(self, ctx: _Context) -> Tensor:
         with exact_arithmetic():
-            top = matrix_of(self.q.ops[-1]).detach().double()  # W_L: K × m
-        out = torch.empty(len(ctx.i), dtype=torch.float64)
-        with exact_arithmetic(), torch.no_grad():
+            top = ctx.keep(matrix_of(self.q.ops[-1]))  # W_L: K × m
+        out = ctx.empty(len(ctx.i))
+        with exact_arithmetic(), torch.set_grad_enabled(ctx.grad):
             for sl in ctx.chunks(top.shape[1] * 4):
                 s = (top[ctx.i[sl]] - top[ctx.j[sl]]).abs()
                 out[sl] = self.q.vectors(s).max(dim=1).values

@@ -231,11 +231,17 @@ class Segment:
     def sweep(self, steps: int, members: list[ProductNorm] | None = None) -> None:
         """``steps`` applications of AᵀA to every own product, batched (restarted Lanczos).
 
-        Each cycle of up to :data:`LANCZOS_CYCLE` steps builds the Krylov basis of AᵀA from the
-        current vector u (full reorthogonalisation, float64) and restarts from the top Ritz vector.
-        Since u lies in that Krylov space, ‖A u‖ never decreases; for the nearly equal top singular
-        values of random or briefly trained layers it converges in far fewer steps than power
-        iteration (error ~exp(−4s√δ) per cycle of s steps instead of (1 − δ)^(2s), δ the gap).
+        Each cycle of s ≤ :data:`LANCZOS_CYCLE` steps builds the Krylov basis V of B = AᵀA from
+        the current vector u (full reorthogonalisation, float64), takes the top Ritz pair (θ, Vy)
+        and restarts from B·Vy = θ·Vy + β_s·y_s·v_{s+1}, which the Lanczos relation gives for free
+        from the cycle's last residual: one power step on the Ritz vector. So a cycle of one step
+        is exactly one power-iteration step (``bf(refresh=1)`` moves every vector), and a longer
+        cycle is at least as good as power iteration. ‖A u‖ never decreases: the Ritz vector's
+        Rayleigh quotient is ≥ u's (u lies in the Krylov space), and a power step of a PSD B does
+        not lower it (xᵀB³x/xᵀB²x ≥ xᵀBx/xᵀx by log-convexity of k ↦ xᵀBᵏx). For the nearly
+        equal top singular values of random or briefly trained layers it converges in far fewer
+        steps than power iteration (error ~exp(−4s√δ) per cycle of s steps instead of
+        (1 − δ)^(2s), δ the gap).
         """
         live = [m for m in (self.own if members is None else members) if not m.certified]
         while live and steps > 0:
@@ -273,6 +279,7 @@ class Segment:
         basis = [[_unit_flat(m.u)] for m in live]
         alphas: list[list[float]] = [[] for _ in live]
         betas: list[list[float]] = [[] for _ in live]
+        tails: list[Tensor | None] = [None] * len(live)  # β_s·v_{s+1}, the last residual
         running = [True] * len(live)
         for _ in range(cycle):
             if not any(running):
@@ -291,8 +298,12 @@ class Segment:
                 for _ in range(2):  # full reorthogonalisation, twice is enough
                     w = w - torch.stack(v).T @ (torch.stack(v) @ w)
                 b = float(w.norm())
-                if b <= 1e-12 * max(abs(a), 1e-300) or len(alphas[k]) == cycle:
+                if b <= 1e-12 * max(abs(a), 1e-300):
+                    running[k] = False  # invariant subspace: the Ritz vector is exact
+                    continue
+                if len(alphas[k]) == cycle:
                     running[k] = False
+                    tails[k] = w
                     continue
                 betas[k].append(b)
                 v.append(w / b)
@@ -304,9 +315,16 @@ class Segment:
             off = torch.tensor(betas[k][: n - 1], dtype=torch.float64)
             t = t + torch.diag(off, 1) + torch.diag(off, -1)
             vals, vecs = torch.linalg.eigh(t)
-            # converged: the cycle did not raise the Rayleigh quotient (the Ritz value ≥ it)
-            m._converged = float(vals[-1]) - alphas[k][0] <= 1e-10 * abs(float(vals[-1]))
-            u = torch.stack(basis[k][:n]).T @ vecs[:, -1]
+            theta, y = float(vals[-1]), vecs[:, -1]
+            u = torch.stack(basis[k][:n]).T @ y
+            residual = 0.0
+            if tails[k] is not None:  # B·(Vy) = θ·Vy + β_s·y_s·v_{s+1}: one power step for free
+                residual = abs(float(y[-1])) * float(tails[k].norm())
+                u = theta * u + float(y[-1]) * tails[k]
+            # converged: the cycle did not raise the Rayleigh quotient (the Ritz value ≥ it) and
+            # the Ritz pair's residual ‖B·Vy − θ·Vy‖ is small
+            m._converged = (theta - alphas[k][0] <= 1e-10 * abs(theta)
+                            and residual <= 1e-5 * abs(theta))
             norm = u.norm()
             if torch.isfinite(norm) and norm > 0:
                 m.u.copy_((u / norm).reshape(m.u.shape).to(m.u.dtype))
