@@ -16,8 +16,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) -e ".[dev]"
 	touch $@
 
-demo: setup
-	$(BIN)/python examples/demo.py
+# the demo also needs the `demo` extra (scikit-learn's bundled digits, matplotlib, tqdm)
+demo: $(VENV)/.demo
+	$(BIN)/python -m curvbound demo
+
+$(VENV)/.demo: $(VENV)/.installed
+	$(PIP) -e ".[dev,demo]"
+	touch $@
 
 test: setup
 	$(BIN)/python -m pytest -q tests

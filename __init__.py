@@ -8,16 +8,27 @@ into a readable torch function evaluated on the model's live weights. On a small
     bf = curvbound.compile(model, torch.zeros(1, 4), norms="certified")
     print(bf.table())
 
-    node      op           rule                  L       M       share M  cert
-    --------  -----------  --------------------  ------  ------  -------  ----
-    x         placeholder  input                 1       0       0.0%     yes
-    fc1       Linear       linear.linear         0.9993  0       0.0%     yes
-    tanh      tanh()       activations.tanh      0.9993  0.4531  40.1%    yes
-    fc2       Linear       linear.linear         0.8852  0.3748  33.2%    yes
-    softplus  softplus()   activations.softplus  0.8852  0.6767  26.7%    yes
-    add       add()        linear.add            1.884   1.13    0.0%     yes
-    out       Linear       linear.linear         1.197   0.7175  0.0%     yes
+    node          rule                  L       M       share  cert
+    ------------  --------------------  ------  ------  -----  ----
+    input         input                 1       0       -      yes
+    fc1 (Linear)  linear.linear         0.9993  0       -      yes
+    tanh()        activations.tanh      0.9993  0.4531  40.1%  yes
+    fc2 (Linear)  linear.linear         0.8852  0.3748  33.2%  yes
+    softplus()    activations.softplus  0.8852  0.6767  26.7%  yes
+    add()         linear.add            1.884   1.13    -      yes
+    out (Linear)  linear.linear         1.197   0.7175  -      yes
     output out: L = 1.1968, M = 0.71751 [compositional, certified]
+    L: Lipschitz bound and M: curvature bound (Lipschitz constant of the Jacobian) of the map
+       from the network input to the node's output (ℓ2 norms).
+    share: part of the output's curvature bound created at this node, (∂M_out/∂M_node)·own
+       / M_out, where own is the node's curvature with its inputs' curvatures set to 0; the
+       shares sum to 100%. '-': the node creates no curvature (linear maps, sums, reshapes only
+       pass their inputs' curvature on, so a large M there comes from upstream). 'subsumed':
+       the output's bound does not depend on the node's M: a later rule bounds a stretch of
+       layers containing it at once (LipLT segment, merged chain) and that bound was the
+       smaller of its alternatives (see bf.explain(node) of the later nodes).
+    cert: 'yes' when every number behind the node's bounds is guaranteed, 'est' when some are
+       power-iteration estimates (from below) or unproven.
 
     print(bf.code)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -12,6 +11,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from ..runtime.norms import Norm, Quantity
+from . import report
 from .margins import margins
 
 __all__ = ["Bounds", "BoundFunction"]
@@ -221,75 +221,32 @@ class BoundFunction(nn.Module):
 
         Every curvature rule is positively homogeneous of degree one in its inputs' curvatures,
         so M_out = Σ_k (∂M_out/∂M_k)·I_k, where I_k is node k's own term (its curvature with
-        the inputs' curvatures set to 0). The share of node k is that summand over M_out.
+        the inputs' curvatures set to 0). The share of node k is that summand over M_out; it is
+        0 for nodes that create no curvature (linear maps, sums), however large their M.
         """
-        last = self._latest()
-        vals: dict[sympy.Symbol, float] = {
-            sympy.Symbol(k, nonnegative=True): v for k, v in self.quantity_values().items()
-        }
-        for name, (L, M) in last.nodes.items():
-            vals[sympy.Symbol(f"L_{name}", nonnegative=True)] = float(L)
-            vals[sympy.Symbol(f"M_{name}", nonnegative=True)] = float(M)
-        total = float(last.curvature)
-        if not math.isfinite(total) or total == 0:
-            return {nb.name: float("nan") for nb in self._node_info}
-        infos = {nb.name: nb for nb in self._node_info}
-        sens = {nb.name: 0.0 for nb in self._node_info}
-        sens[self.output] = 1.0
-        own: dict[str, float] = {}
-        for nb in reversed(self._node_info):
-            msyms = [sympy.Symbol(f"M_{i}", nonnegative=True) for i in nb.refs]
-            expr = nb.curvature
-            own[nb.name] = float(expr.xreplace({m: sympy.S.Zero for m in msyms}).xreplace(vals))
-            for i, m in zip(nb.refs, msyms):
-                d = sympy.diff(expr, m)
-                if d != 0:
-                    sens[i] += sens[nb.name] * float(d.xreplace(vals))
-        return {n: sens[n] * own[n] / total for n in infos}
+        return {k: share for k, (_, share) in report.contributions(self).items()}
 
-    def table(self) -> str:
-        """Per-node text table: node, op, rule, L, M, share of the final curvature bound."""
-        last = self._latest()
-        shares = self.curvature_shares()
-        rows = [("node", "op", "rule", "L", "M", "share M", "cert")]
-        for nb in self._node_info:
-            if nb.constant:
-                continue
-            L, M = last.nodes.get(nb.name, (torch.tensor(0.0), torch.tensor(0.0)))
-            s = shares.get(nb.name, float("nan"))
-            rows.append(
-                (
-                    nb.name,
-                    _short(nb),
-                    nb.rule,
-                    f"{float(L):.4g}",
-                    f"{float(M):.4g}",
-                    "" if math.isnan(s) else f"{100 * s:.1f}%",
-                    "yes" if self.node_certified(nb.name) else "est",
-                )
-            )
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        kind = "certified" if self.certified else "estimated (power iteration)"
-        lines.append(
-            f"output {self.output}: L = {float(last.lipschitz):.6g}, "
-            f"M = {float(last.curvature):.6g} [{self.method}, {kind}]"
-        )
-        return "\n".join(lines)
+    def table(self, sort: str = "graph", footer: bool = True) -> str:
+        """Per-node text table: node (module path and type), rule, L, M, share of the output's
+        curvature bound, certified; ``sort="share"`` (or ``"M"``, ``"L"``) lists the largest
+        first; the footer explains the columns (``footer=False`` leaves it out)."""
+        return report.table(self, sort=sort, footer=footer)
+
+    def _repr_html_(self) -> str:
+        return report.table_html(self)
+
+    def to_dot(self) -> str:
+        """Graphviz source of the graph with each node's rule, L, M and share (render it with
+        ``dot -Tsvg`` or :func:`curvbound.views.to_svg`)."""
+        return report.to_dot(self)
+
+    def explain(self, node: str) -> str:
+        """Node ``node`` (fx name, module path or table label): its rule's mathematical
+        statement, its symbolic bounds and the numbers they evaluate to."""
+        return report.explain(self, node)
 
     def extra_repr(self) -> str:
         return f"model={type(self.model).__name__}, method={self.method}, norms={self.norms}"
-
-
-def _short(nb) -> str:
-    if nb.op == "call_module":
-        return nb.target.rsplit(".", 1)[-1]
-    if nb.op == "call_method":
-        return f".{nb.target.split(chr(39))[1]}()" if "'" in nb.target else nb.target
-    if nb.op == "call_function":
-        return nb.target.rsplit(".", 1)[-1] + "()"
-    return nb.op
 
 
 def _tensor(v) -> Tensor:
