@@ -44,8 +44,8 @@ from torch import Tensor, nn
 
 from ..pipeline import compile as compile_bound
 from . import data as datasets
-from .training import Accuracy, CurvaturePenalty
 from .certificates import Certificate, certify_dataset
+from .training import Accuracy, CurvaturePenalty
 from .zoo import cifar_6c2f, cifar_6f, mlp
 
 __all__ = [
