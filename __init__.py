@@ -56,9 +56,11 @@ See ``docs/index.md`` to start, ``docs/theory.md`` for why each rule is sound an
 ``docs/writing_rules.md`` to cover your own layers.
 '''
 
+from . import nn as nn  # curvbound.nn: SLL layers, heads, smooth() (registers their rules)
 from . import zoo
 from .apps.anchored import AnchoredBounds, anchored_bounds
 from .apps.certificates import AdversarialExamples, Certificate, certify, certify_dataset
+from .apps.nn import CenteredSoftplus
 from .apps.training import Accuracy, CurvaturePenalty, margin_radii, radius_loss
 from .compiler import errors as errors
 from .compiler.bound_function import BoundFunction, Bounds
@@ -77,7 +79,6 @@ from .compiler.registry import DEFAULT_REGISTRY, Registry, rule
 from .passes import rules
 from .pipeline import compile
 from .runtime import operators
-from .runtime.layers import CenteredSoftplus
 
 __all__ = [
     "compile",

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime.layers import CenteredSoftplus
+from .nn import CenteredSoftplus
 
 __all__ = [
     "ZOO",

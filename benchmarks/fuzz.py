@@ -39,12 +39,13 @@ def _rng(seed: int, i: int) -> random.Random:
     return random.Random(seed * 1_000_003 + i)
 
 
-def run_case(args: tuple[int, int, int, int]) -> dict:
+def run_case(args: tuple) -> dict:
     """One case: the bounds, the lower bounds and the violations, as plain data."""
-    seed, i, samples, steps = args
+    seed, i, samples, steps, *rest = args
+    sll = rest[0] if rest else 0.0
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    case = random_case(_rng(seed, i))
+    case = random_case(_rng(seed, i), sll=sll)
     start = time.perf_counter()
     try:
         r = check_case(case.model, case.input_shape, samples=samples, steps=steps, seed=i)
@@ -79,15 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=6, help="empirical ascent batch")
     parser.add_argument("--steps", type=int, default=15, help="empirical ascent steps")
     parser.add_argument("--replay", type=int, default=None, help="run and print one case")
+    parser.add_argument("--sll", type=float, default=0.0,
+                        help="probability that a step is an SLL layer of curvbound.nn")
     args = parser.parse_args(argv)
 
     if args.replay is not None:
-        print(random_case(_rng(args.seed, args.replay)).describe())
-        print(run_case((args.seed, args.replay, args.samples, args.steps)))
+        print(random_case(_rng(args.seed, args.replay), sll=args.sll).describe())
+        print(run_case((args.seed, args.replay, args.samples, args.steps, args.sll)))
         return 0
 
     start = time.perf_counter()
-    work = [(args.seed, i, args.samples, args.steps) for i in range(args.cases)]
+    work = [(args.seed, i, args.samples, args.steps, args.sll) for i in range(args.cases)]
     run_case(work[0])  # warm-up in the parent: every lazy import is done before the workers fork
     if args.jobs > 1:
         with mp.get_context("fork").Pool(args.jobs) as pool:
@@ -100,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     done = [r for r in results if "error" not in r]
     bad = [r for r in done if r["violations"]]
     print(f"command: python benchmarks/fuzz.py --cases {args.cases} --seed {args.seed} "
-          f"--jobs {args.jobs} --samples {args.samples} --steps {args.steps}")
+          f"--jobs {args.jobs} --samples {args.samples} --steps {args.steps}"
+          + (f" --sll {args.sll:g}" if args.sll else ""))
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cpus, torch {torch.__version__}")
     print(f"cases: {len(results)}  checked: {len(done)}  errors: {len(errors)}  "

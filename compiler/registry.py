@@ -27,7 +27,10 @@ Rule = Callable[..., Any]
 def rule_name(fn: Rule) -> str:
     """Qualified name of a rule, as shown in tables and generated code."""
     mod = getattr(fn, "__module__", "") or ""
-    mod = mod.replace("curvbound.passes.rules.", "")
+    for prefix in ("curvbound.passes.rules.", "curvbound.apps."):  # built-in rule modules
+        if mod.startswith(prefix):
+            mod = mod[len(prefix):]
+            break
     name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", repr(fn))
     return f"{mod}.{name}" if mod else name
 

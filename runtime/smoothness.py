@@ -200,7 +200,7 @@ def _softplus(beta: float) -> Smoothness:
 def centered_softplus(beta: float = 1.0) -> Smoothness:
     """softplus_β − log2/β: sup|σ'| = 1, sup|σ''| = β/4 (a shift of softplus_β, σ(0) = 0).
 
-    ``fn`` repeats :class:`curvbound.runtime.layers.CenteredSoftplus` exactly; see :func:`softplus`
+    ``fn`` repeats :class:`curvbound.nn.CenteredSoftplus` exactly; see :func:`softplus`
     for how torch's threshold changes it.
     """
     return _centered_softplus(float(beta))

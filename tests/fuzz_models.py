@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from curvbound.runtime.layers import CenteredSoftplus
+from curvbound.nn import CenteredSoftplus, SLLConv2d, SLLLinear
 
 __all__ = [
     "ACTIVATIONS",
@@ -297,14 +297,37 @@ def _linear(rng: random.Random, d_in: int, d_out: int, gain: float) -> nn.Linear
 # --------------------------------------------------------------------------- architectures
 
 
+def _sll(rng: random.Random, shape: Shape, gain: float) -> Step | None:
+    """A random SLL layer (curvbound.nn) for vectors or images, deterministic weights and q."""
+    act = rng.choice(["tanh", "softplus", "centered_softplus"])
+    beta = rng.choice([0.5, 1.0, 3.0])
+    if len(shape) == 1:
+        layer: nn.Module = SLLLinear(shape[0], rng.randint(1, 24), activation=act, beta=beta)
+    elif len(shape) == 3:
+        layer = SLLConv2d(shape[0], rng.choice([1, 3, 5]), rng.randint(1, 5), activation=act,
+                          beta=beta)
+    else:
+        return None
+    g = torch.Generator().manual_seed(rng.getrandbits(31))
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            scale = 1.0 if name == "log_q" else gain
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+    return Step("module", [layer.double()], text=repr(layer))
+
+
 def random_case(
     rng: random.Random,
     *,
     max_depth: int = 8,
     max_width: int = 64,
     gain: float | None = None,
+    sll: float = 0.0,
 ) -> FuzzCase:
-    """A random smooth architecture of depth 1..``max_depth`` (see the module docstring)."""
+    """A random smooth architecture of depth 1..``max_depth`` (see the module docstring).
+
+    ``sll``: the probability that a step is an SLL layer of :mod:`curvbound.nn` (0 leaves the
+    random stream, hence every case of a seed, as it was before SLL layers existed)."""
     gain = gain if gain is not None else rng.choice([0.5, 1.0, 1.5, 2.5])
     kind = rng.choice(["vector", "vector", "signal", "image"])
     if kind == "vector":
@@ -321,6 +344,11 @@ def random_case(
     while layers < depth:
         layers += 1
         spatial = len(shape) > 1
+        if sll and rng.random() < sll:
+            made = _sll(rng, shape, gain)
+            if made is not None:
+                steps.append(made)
+                continue
         if not spatial:
             choice = rng.choice(["linear", "linear", "act", "act", "residual", "concat", "chain",
                                  "bn", "scale", "tensor_scale", "slice", "unflatten"])

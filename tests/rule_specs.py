@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import curvbound
+from curvbound import nn as cnn
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,10 @@ SPECS: list[Spec] = [
          (4,)),
     Spec("centered_softplus", (curvbound.CenteredSoftplus,),
          act(curvbound.CenteredSoftplus(beta=2.0)), (4,)),
+    Spec("leaky_softplus", (cnn.LeakySoftplus,),
+         lambda: Fn(nn.Sequential(cnn.LeakySoftplus(0.2, beta=2.0), cnn.LeakySoftplus(-1.5))),
+         (4,)),
+    Spec("smooth_clamp", (cnn.SmoothClamp,), act(cnn.SmoothClamp(-0.5, 0.7, beta=3.0)), (4,)),
     Spec("silu", (nn.SiLU, F.silu), lambda: Fn(nn.Sequential(nn.SiLU(), _f(F.silu))), (4,)),
     Spec("gelu", (nn.GELU, F.gelu),
          lambda: Fn(nn.Sequential(nn.GELU(), nn.GELU(approximate="tanh"),
@@ -285,6 +290,19 @@ SPECS: list[Spec] = [
          lambda: Spatial(nn.Sequential(nn.Sigmoid(), nn.AdaptiveAvgPool1d(4),
                                        _f(lambda x: F.adaptive_avg_pool1d(x, 3))), size=(7,)),
          (2, 7)),
+    # -- curvbound.nn layers --------------------------------------------------------------------
+    Spec("sll_linear", (cnn.SLLLinear,),
+         lambda: Fn(nn.Sequential(cnn.SLLLinear(6, activation="tanh"),
+                                  cnn.SLLLinear(6, 4, activation="softplus", beta=2.0))), (4,)),
+    Spec("sll_conv2d", (cnn.SLLConv2d,),
+         lambda: Spatial(nn.Sequential(cnn.SLLConv2d(4, activation="centered_softplus"),
+                                       cnn.SLLConv2d(4, 5, inner_channels=2)), size=(5, 5)),
+         (2, 5, 5)),
+    Spec("normalized_linear", (cnn.NormalizedLinear,),
+         lambda: Fn(nn.Sequential(nn.Tanh(), cnn.NormalizedLinear(6, 6), nn.Tanh(),
+                                  cnn.NormalizedLinear(6, 6, normalize="frobenius"))), (4,)),
+    Spec("pad_channels", (cnn.PadChannels,),
+         lambda: Spatial(nn.Sequential(cnn.PadChannels(6), nn.Tanh())), (2, 6, 6)),
     # -- arithmetic ----------------------------------------------------------------------------
     Spec("add", (operator.add,), lambda: Arith("add"), (4,)),
     Spec("torch.add", (torch.add,), lambda: Arith("torch.add"), (4,)),

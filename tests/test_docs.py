@@ -21,7 +21,7 @@ DOCTEST_MODULES = [
     "curvbound.compiler.naming",
     "curvbound.passes.rules.base",
     "curvbound.runtime.norms",
-    "curvbound.runtime.layers",
+    "curvbound.apps.nn",
     "curvbound.apps.training",
 ]
 

@@ -60,6 +60,17 @@ def test_random_architectures_are_sound(rng: random.Random):
     assert all(math.isfinite(v) for pair in result.bounds.values() for v in pair)
 
 
+@settings(FUZZ, max_examples=16)
+@given(st.randoms(use_true_random=False))
+def test_random_architectures_with_sll_layers_are_sound(rng: random.Random):
+    case = random_case(rng, max_depth=5, max_width=24, sll=0.5)
+    method = rng.choice(["naive", "compositional"])
+    result = check_case(case.model, case.input_shape, methods=(method,), samples=4, steps=6,
+                        seed=rng.getrandbits(16), refresh_steps=8)
+    assert not result.violations, "\n".join([case.describe(), *result.violations])
+    assert all(math.isfinite(v) for pair in result.bounds.values() for v in pair)
+
+
 def _bounds(model, shape, method, norms):
     x = torch.zeros(1, *shape, dtype=torch.float64)
     out = curvbound.compile(model, x, method=method, norms=norms)()

@@ -15,8 +15,8 @@ import torch
 from mpmath import iv
 from torch import nn
 
+from curvbound.nn import CenteredSoftplus
 from curvbound.runtime import smoothness as S
-from curvbound.runtime.layers import CenteredSoftplus
 
 # -- the spec table: one row per record we check (every catalogue entry has at least one) ---------
 # (catalogue name, parameters, the torch module it models, points where σ' jumps or kinks)

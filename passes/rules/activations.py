@@ -12,7 +12,6 @@ from torch import fx, nn
 
 from ...compiler.context import RuleContext, Transfer
 from ...runtime import smoothness as S
-from ...runtime.layers import CenteredSoftplus
 from .base import elementwise_transfer, register
 
 __all__: list[str] = []
@@ -45,12 +44,6 @@ def sigmoid(node: fx.Node, ctx: RuleContext) -> Transfer:
 def softplus(node: fx.Node, ctx: RuleContext) -> Transfer:
     """softplus_β: sup|σ'| = 1, sup|σ''| = β/4."""
     return _apply(ctx, S.softplus(float(_param(ctx, "beta", 1, 1.0))))
-
-
-@register(CenteredSoftplus)
-def centered_softplus(node: fx.Node, ctx: RuleContext) -> Transfer:
-    """centered softplus_β − log2/β: sup|σ'| = 1, sup|σ''| = β/4."""
-    return _apply(ctx, S.centered_softplus(float(ctx.module.beta)))
 
 
 @register(nn.SiLU, F.silu)
