@@ -261,6 +261,7 @@ def cmd_experiment(args) -> int:
     record = _experiments.run(
         args.name, epochs=args.epochs, seed=args.seed, data_dir=args.data_dir, out=args.out,
         train_limit=args.train_limit, test_limit=args.test_limit, progress=not args.quiet,
+        certify_only=args.certify_only,
     )
     print(_experiments.records_table([record]))
     b = record["bounds"]
@@ -357,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on the first N training images")
     p.add_argument("--test-limit", type=int, default=None, metavar="N",
                    help="certify the first N test images")
+    p.add_argument("--certify-only", action="store_true",
+                   help="certify OUT/NAME.pt of an earlier run again (no training)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_experiment)
     return parser

@@ -313,12 +313,15 @@ def _version() -> str:
 
 def run(name: str, *, epochs: int | None = None, seed: int = 0, data_dir=None,
         out: str | Path = "experiments", train_limit: int | None = None,
-        test_limit: int | None = None, progress: bool = True) -> dict[str, Any]:
+        test_limit: int | None = None, progress: bool = True,
+        certify_only: bool = False) -> dict[str, Any]:
     """Train, converge, certify and record experiment ``name``; returns the JSON record.
 
     ``epochs`` defaults to the experiment's budget; ``train_limit``/``test_limit`` use a prefix
     of each split (each split was shuffled once when the files were made); ``data_dir`` is the
-    dataset folder (``$CURVBOUND_DATA`` or ``../shared/data`` by default).
+    dataset folder (``$CURVBOUND_DATA`` or ``../shared/data`` by default). ``certify_only``
+    skips training: the model is the checkpoint ``OUT/NAME.pt`` of an earlier run, and the
+    training part of the record (budget, time, log) is kept from ``OUT/NAME.json``.
     """
     exp = _experiment(name)
     epochs = exp.epochs if epochs is None else epochs
@@ -326,14 +329,24 @@ def run(name: str, *, epochs: int | None = None, seed: int = 0, data_dir=None,
         raise ValueError(f"epochs must be ≥ 0, got {epochs}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    x_train, y_train = _load(exp.dataset, "train", data_dir, train_limit)
     x_test, y_test = _load(exp.dataset, "test", data_dir, test_limit)
     torch.manual_seed(seed)
     model = build(name, seed)
-    start = time.perf_counter()
-    log = train(exp, model, x_train, y_train, epochs=epochs, seed=seed, progress=progress)
-    train_seconds = time.perf_counter() - start
-    torch.save({"state_dict": model.state_dict(), "experiment": name}, out / f"{name}.pt")
+    if certify_only:
+        for path in (out / f"{name}.pt", out / f"{name}.json"):
+            if not path.exists():
+                raise FileNotFoundError(f"certify_only needs {path} from an earlier run")
+        model.load_state_dict(torch.load(out / f"{name}.pt")["state_dict"])
+        old = json.loads((out / f"{name}.json").read_text())
+        epochs, seed, train_seconds = old["epochs"], old["seed"], old["train_seconds"]
+        n_train, log = old["train_samples"], {"epochs": old["training"]["log"]}
+    else:
+        x_train, y_train = _load(exp.dataset, "train", data_dir, train_limit)
+        n_train = len(x_train)
+        start = time.perf_counter()
+        log = train(exp, model, x_train, y_train, epochs=epochs, seed=seed, progress=progress)
+        train_seconds = time.perf_counter() - start
+        torch.save({"state_dict": model.state_dict(), "experiment": name}, out / f"{name}.pt")
 
     start = time.perf_counter()
     bf = compile_bound(model, x_test[:1], norms="certified")
@@ -348,7 +361,7 @@ def run(name: str, *, epochs: int | None = None, seed: int = 0, data_dir=None,
         "description": exp.description,
         "epochs": epochs,
         "seed": seed,
-        "train_samples": len(x_train),
+        "train_samples": n_train,
         "test_samples": len(x_test),
         "train_seconds": round(train_seconds, 1),
         "certify_seconds": round(certify_seconds, 1),
