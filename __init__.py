@@ -71,13 +71,16 @@ from .compiler.errors import (
     MethodCoverageError,
     ModelStateError,
     NonSmoothError,
+    RegistrationError,
     RuleError,
+    SerializationError,
+    StaleBoundError,
     TracingError,
     UnsupportedOperationError,
 )
 from .compiler.registry import DEFAULT_REGISTRY, Registry, rule
 from .passes import rules
-from .pipeline import compile
+from .pipeline import compile, load, save
 from .runtime import operators
 
 __all__ = [
@@ -102,6 +105,11 @@ __all__ = [
     "RuleError",
     "NonSmoothError",
     "MethodCoverageError",
+    "StaleBoundError",
+    "RegistrationError",
+    "SerializationError",
+    "save",
+    "load",
     "errors",
     "certify",
     "certify_dataset",

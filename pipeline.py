@@ -13,22 +13,25 @@ import torch
 from torch import nn
 
 from .compiler import assemble, codegen, rounding
-from .compiler.bound_function import BoundFunction
+from .compiler.bound_function import BoundFunction, CompileSpec, _rebuild
 from .compiler.context import METHODS
-from .compiler.errors import UnsupportedOperationError
+from .compiler.errors import SerializationError, UnsupportedOperationError
 from .compiler.registry import Registry, layered
-from .compiler.trace import propagate_shapes, trace
+from .compiler.trace import check_inputs, propagate_shapes, trace, unwrap_model
 from .passes.checks import check_example_input, check_model_state
 from .passes.lipschitz_lt import refine_affine
 from .passes.methods import finalize as finalize_method
 from .runtime.anchored import AnchorState
 from .runtime.norms import MODES
 
-__all__ = ["compile", "REFINERS"]
+__all__ = ["compile", "save", "load", "REFINERS"]
 
 #: Passes every affine transfer goes through, in order (``RuleContext.linear`` applies them):
 #: LipLT along chain segments and the two-layer block rules (passes/lipschitz_lt.py).
 REFINERS = (refine_affine,)
+
+#: format tag of the files written by :func:`save`
+_FORMAT = "curvbound.BoundFunction/1"
 
 
 def compile(  # noqa: A001 - the public name is fixed by the API
@@ -72,11 +75,13 @@ def compile(  # noqa: A001 - the public name is fixed by the API
         raise ValueError(f"norms must be one of {MODES}, got {norms!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap_model(model)  # torch.compile, DataParallel, DistributedDataParallel
     check_model_state(model)
     example_input = check_example_input(model, example_input)
     registry = layered(rules)
 
     gm = trace(model, registry)
+    check_inputs(gm)
     constants = assemble.find_constants(gm.graph)
     missing = assemble.check_coverage(gm, registry, constants)
     if missing:
@@ -114,6 +119,16 @@ def compile(  # noqa: A001 - the public name is fixed by the API
         output=out.name,
         node_info=infos,
         expr_builder=lambda: assemble.full_expressions(gm, out),
+        spec=CompileSpec(
+            tuple(example_input.shape),
+            example_input.dtype,
+            method=method,
+            norms=norms,
+            rules=rules,
+            anchored=anchored,
+            refresh=refresh,
+            compiler=compile,
+        ),
     )
     cert, factors, why = rounding.certify_nodes(infos, quantities, norms)
     bf._node_certified, bf._rounding, bf._cert_notes = cert, factors, why
@@ -121,4 +136,75 @@ def compile(  # noqa: A001 - the public name is fixed by the API
     bf._anchor = anchor  # anchored quantities read the anchor's values from it (runtime/anchored)
     if refresh:
         bf.refresh()
+    bf._check_values(transfers)  # a rule's negative or NaN number fails here, naming the node
     return bf
+
+
+def save(bf: BoundFunction, f) -> None:
+    """Save a bound function *without its model*: how it was compiled (input shape, dtype,
+    method, norms, anchored) and its power-iteration state. :func:`load` compiles it again for
+    a model you pass (saved the usual way, ``torch.save(model.state_dict(), ...)``).
+
+    The file holds only strings, numbers and tensors, so ``torch.load(weights_only=True)``
+    reads it. Per-call ``rules=`` are not saved: pass them to :func:`load` again.
+
+    Example:
+        >>> import io, torch, curvbound
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh())
+        >>> bf = curvbound.compile(net, torch.zeros(1, 2))
+        >>> buf = io.BytesIO(); curvbound.save(bf, buf); _ = buf.seek(0)
+        >>> bf2 = curvbound.load(buf, net)
+        >>> bool(torch.equal(bf2().lipschitz, bf().lipschitz))
+        True
+    """
+    spec = bf._spec
+    if spec is None:
+        raise SerializationError("this bound function does not record how it was compiled")
+    torch.save(
+        {
+            "format": _FORMAT,
+            "input_shape": list(spec.input_shape),
+            "dtype": str(spec.dtype).removeprefix("torch."),
+            "method": spec.method,
+            "norms": spec.norms,
+            "anchored": bool(spec.anchored),
+            "refresh": bool(spec.refresh),
+            "custom_rules": spec.rules is not None,
+            "model_type": type(bf.model).__name__,
+            "state": {k: v.detach().cpu() for k, v in bf.state_dict().items()},
+        },
+        f,
+    )
+
+
+def load(
+    f, model: nn.Module, *, rules: Registry | Mapping[Any, Any] | None = None
+) -> BoundFunction:
+    """Compile ``model`` as the bound function saved by :func:`save` and restore its
+    power-iteration state. Raises :class:`~curvbound.SerializationError` when the file is not
+    such a save or its state does not fit (another model structure, other rules)."""
+    data = torch.load(f, weights_only=True, map_location="cpu")
+    if not isinstance(data, dict) or data.get("format") != _FORMAT:
+        raise SerializationError(
+            "not a file written by curvbound.save (for a pickled bound function use "
+            "torch.load(f, weights_only=False))"
+        )
+    if data["custom_rules"] and rules is None:
+        raise SerializationError(
+            "the bound function was compiled with rules=...; pass the same rules to "
+            "curvbound.load(f, model, rules=...)"
+        )
+    model = unwrap_model(model)
+    spec = CompileSpec(
+        tuple(data["input_shape"]),
+        getattr(torch, data["dtype"]),
+        method=data["method"],
+        norms=data["norms"],
+        rules=rules,
+        anchored=data["anchored"],
+        refresh=data["refresh"],
+        compiler=compile,
+    )
+    ref = next((t for t in model.parameters()), None)
+    state = {k: v.to(ref.device) if ref is not None else v for k, v in data["state"].items()}
+    return _rebuild(model, spec, state)

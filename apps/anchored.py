@@ -93,6 +93,7 @@ def anchored_bounds(bf, x0: Tensor) -> AnchoredBounds:
     state = anchor_state(bf)
     if not isinstance(x0, Tensor) or x0.dim() < 1:
         raise TypeError("x0 must be a batched tensor (B, *input_shape)")
+    bf.check_input(x0, "x0")  # InputError naming the expected shape / the first NaN sample
     with torch.no_grad():
         _, values = Capture(bf.gm, state.nodes)(x0)
     return evaluate_anchored(bf, values, len(x0))

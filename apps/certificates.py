@@ -54,12 +54,15 @@ import sympy
 import torch
 from torch import Tensor, nn
 
+from ..compiler.bound_function import check_finite_samples
 from ..compiler.errors import InputError, NonSmoothError
 from ..compiler.margins import evaluate_expression
 from ..compiler.rounding import rounding_exponent, rounding_factor
+from ..compiler.trace import unwrap_model
 from ..pipeline import compile as compile_bound
 from ..runtime.margins import _Context
 from .anchored import Capture, anchor_state
+from .distributed import sharded
 
 __all__ = [
     "Certificate",
@@ -274,8 +277,9 @@ class Certifier:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         example, _ = _check_batch(example, None)
+        model = unwrap_model(model)  # torch.compile, DataParallel, DistributedDataParallel
         if bound_fn is not None and bound_fn.model is not model:
-            raise ValueError(
+            raise InputError(
                 "bound_fn was compiled for a different model; pass the model it was compiled "
                 "from, or leave bound_fn=None to compile one"
             )
@@ -297,6 +301,7 @@ class Certifier:
                                anchored=local)
         self.bf = bf
         self.model = bf.model
+        self.input_shape = tuple(example.shape[1:])
         nonsmooth = list(bf.nonsmooth_nodes)
         self.curvature_used = curvature is not False
         if nonsmooth:
@@ -348,6 +353,11 @@ class Certifier:
     def __call__(self, x: Tensor, y: Tensor | None = None) -> Certificate:
         """Certificates for the batch ``x`` (labels ``y`` optional)."""
         x, y = _check_batch(x, y)
+        if tuple(x.shape[1:]) != tuple(self.input_shape):
+            raise InputError(
+                f"x has shape {tuple(x.shape)}, but this certifier was built for inputs "
+                f"(B, {', '.join(map(str, self.input_shape))})"
+            )
         outside = None if y is None else (y < 0) | (y >= self.classes)
         if outside is not None and outside.any():
             bad = int(outside.nonzero()[0, 0])
@@ -575,6 +585,7 @@ def _check_batch(x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor | None]:
             "x must be a floating-point tensor with a batch dimension (B, *input_shape), got "
             f"{type(x).__name__}{tuple(x.shape) if isinstance(x, Tensor) else ''}"
         )
+    check_finite_samples(x, "x")
     if y is not None:
         y = torch.as_tensor(y)
         if y.shape != (len(x),) or y.is_floating_point():
@@ -616,12 +627,14 @@ def certify(
     Returns:
         a :class:`Certificate` (see the module docstring for an example).
     """
+    _check_batch(x, y)  # lengths, labels' dtype, NaN samples: before any compile work
     cert = Certifier(
         model, x, bound_fn=bound_fn, local=local, norms=norms, curvature=curvature, method=method
     )
     return cert(x, y)
 
 
+@sharded
 def certify_dataset(
     model: nn.Module,
     loader: Iterable,
@@ -633,12 +646,18 @@ def certify_dataset(
     method: str = "compositional",
     limit: int | None = None,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> Certificate:
     """Certify a dataset batch by batch and return the concatenated :class:`Certificate`.
 
     ``loader`` yields ``(x, y)`` pairs or bare ``x`` batches (a ``DataLoader`` or any iterable);
     the bound is compiled once from the first batch. ``limit`` stops after that many samples;
     ``progress`` prints a one-line progress report on stderr.
+
+    Under ``torch.distributed`` (a process group of several ranks, or a process started by
+    torchrun) each rank certifies every W-th batch of the same loader and every rank returns the
+    whole certificate, equal to a single-process run (``distributed=False``: only what the local
+    loader yields); see :mod:`curvbound.apps.distributed` and docs/distributed.md.
     """
     certifier: Certifier | None = None
     parts: list[Certificate] = []
@@ -658,6 +677,8 @@ def certify_dataset(
             y = None if y is None else y[: limit - done]
         if len(x) == 0:
             break
+        check_finite_samples(x, f"x (the batch from dataset sample {done})")
+        x, y = _check_batch(x, y)  # before the compile that the first batch triggers
         if certifier is None:
             certifier = Certifier(
                 model,

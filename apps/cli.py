@@ -31,6 +31,7 @@ from . import experiments as _experiments
 from . import views, zoo
 from .certificates import Certificate, Certifier
 from .data import load_cifar10, load_mnist
+from .distributed import ensure_process_group, gather_batches, is_main_process, mine
 
 __all__ = ["main", "EXIT_CODES", "load_model", "parse_shape"]
 
@@ -216,15 +217,21 @@ def cmd_certify(args) -> int:
     certifiers = {"global": Certifier(model, x[:1], bound_fn=bf, local=False)}
     if args.local:
         certifiers["local"] = Certifier(model, x[:1], bound_fn=bf, local=True)
-    parts: dict[str, list[Certificate]] = {k: [] for k in certifiers}
-    bar = demo_app.progress_bar(total=len(x), desc="certify", disable=args.quiet)
-    for start in range(0, len(x), args.batch_size):
+    # under torchrun: every rank certifies every W-th batch, rank 0 reports (docs/distributed.md)
+    ensure_process_group()
+    starts = [(i, s) for i, s in enumerate(range(0, len(x), args.batch_size)) if mine(i)]
+    parts: dict[str, list[tuple[int, Certificate]]] = {k: [] for k in certifiers}
+    bar = demo_app.progress_bar(total=sum(len(x[s:s + args.batch_size]) for _, s in starts),
+                                desc="certify", disable=args.quiet or not is_main_process())
+    for i, start in starts:
         xb, yb = x[start:start + args.batch_size], y[start:start + args.batch_size]
         for k, c in certifiers.items():
-            parts[k].append(c(xb, yb))
+            parts[k].append((i, c(xb, yb)))
         bar.update(len(xb))
     bar.close()
-    certs = {k: Certificate.cat(v) for k, v in parts.items()}
+    certs = {k: gather_batches(v) for k, v in parts.items()}
+    if not is_main_process():
+        return 0
     glob = certs["global"]
     local = certs.get("local", glob)
     eps = list(args.eps) if args.eps else list(demo_app.CONFIGS.get(args.data, _CIFAR).eps)

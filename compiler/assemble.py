@@ -7,7 +7,10 @@ under ``node.meta[BOUND_KEY]``.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
+import keyword
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,6 +19,7 @@ from torch import fx, nn
 
 from .context import Refiner, RuleContext, Transfer, curvature_symbol, lipschitz_symbol
 from .errors import InputError, MissingRule, RuleError, UnsupportedOperationError
+from .naming import node_label
 from .registry import Registry, rule_name, rules_for, target_name
 
 __all__ = [
@@ -71,8 +75,14 @@ def _is_shape_query(node: fx.Node) -> bool:
 def find_constants(graph: fx.Graph) -> set[fx.Node]:
     """Nodes whose values do not depend on the values of the network input."""
     constants: set[fx.Node] = set()
+    first = True
     for node in graph.nodes:
-        if node.op == "placeholder" or node.op == "output":
+        if node.op == "placeholder":
+            if not first and node.args:  # a further argument left at its default value
+                constants.add(node)
+            first = False
+            continue
+        if node.op == "output":
             continue
         if node.op == "get_attr" or _is_shape_query(node):
             constants.add(node)
@@ -84,22 +94,30 @@ def find_constants(graph: fx.Graph) -> set[fx.Node]:
 
 def _describe_target(node: fx.Node, root: nn.Module) -> tuple[str, str | None, str]:
     """(target name, module path, ready-to-paste registration hint)."""
+    note = ""
     if node.op == "call_module":
         cls = type(root.get_submodule(node.target))
         name = f"{cls.__module__}.{cls.__qualname__}"
-        key = f"{cls.__module__}.{cls.__qualname__}"
+        if "<locals>" in cls.__qualname__:  # a class defined in a function: use its name there
+            key = cls.__name__
+            note = f"  # {cls.__name__}: the class defined in {cls.__qualname__.split('.<')[0]}\n"
+        else:
+            key = name if cls.__module__ != "__main__" else cls.__qualname__
         path = node.target
+        raw = cls.__name__
     elif node.op == "call_method":
         name, key, path = f"method '{node.target}'", repr(node.target), None
+        raw = node.target
     else:
         name = target_name(node.target)
         key, path = name, None
-    raw = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "my")
-    fn = "".join(c if c.isalnum() else "_" for c in raw.split(".")[-1]).strip("_").lower()
+        raw = getattr(node.target, "__name__", "my")
+    root_mod = key.split(".")[0] if "." in key and not key.startswith("'") else ""
+    imports = f"import {root_mod}\n" if root_mod and root_mod != "curvbound" else ""
     hint = (
-        f"import curvbound\n"
+        f"{imports}import curvbound\n{note}"
         f"@curvbound.rule({key})\n"
-        f"def {fn or 'my'}_rule(node, ctx):\n"
+        f"def {_identifier(raw)}_rule(node, ctx):\n"
         f"    # elementwise smooth map:  return curvbound.rules.elementwise(slope=..., "
         f"curvature=...)(node, ctx)\n"
         f"    # linear map (bias-free f): return ctx.linear(lambda x: f(x))\n"
@@ -108,17 +126,62 @@ def _describe_target(node: fx.Node, root: nn.Module) -> tuple[str, str | None, s
     return name, path, hint
 
 
+def _identifier(raw: str) -> str:
+    """A valid, readable Python function-name stem from a target name (``MyAct`` -> ``myact``)."""
+    fn = "".join(c if c.isalnum() else "_" for c in str(raw).split(".")[-1]).strip("_").lower()
+    if not fn:
+        return "my"
+    if fn[0].isdigit() or keyword.iskeyword(fn):
+        fn = f"op_{fn}"
+    return fn
+
+
+def _declined_hint(node: fx.Node, root: nn.Module, hint: str) -> str:
+    """The hint for a node whose target has rules that all declined: a rule registered on that
+    target would apply to every such call (every product, for operator.mul)."""
+    if node.op == "call_module":
+        return hint
+    name = target_name(node.target)
+    return (
+        f"{name} already has rules, and they declined this call. A rule you register for "
+        f"{name} is tried first for EVERY {name} call of the model: return None from it for\n"
+        "the calls it does not handle, or move this computation into a submodule and register "
+        "a rule for that module class:\n" + hint
+    )
+
+
+def _reads_result(node: fx.Node) -> bool:
+    """``getattr(r, 'values')`` / ``r[0]`` reading a field of another node's result."""
+    return node.op == "call_function" and node.target in (builtins.getattr, operator.getitem)
+
+
 def check_coverage(
     gm: fx.GraphModule, registry: Registry, constants: set[fx.Node]
 ) -> list[MissingRule]:
     """Every input-dependent call node without a candidate rule (the pre-flight check)."""
     missing: list[MissingRule] = []
+    uncovered: set[fx.Node] = set()
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_method", "call_module") or node in constants:
             continue
+        if _reads_result(node) and node.args and node.args[0] in uncovered:
+            # `.values` of an uncovered torch.sort: the fix is a rule for sort, not for getattr
+            uncovered.add(node)
+            continue
         if not rules_for(node, gm, registry):
+            uncovered.add(node)
             name, path, hint = _describe_target(node, gm)
-            missing.append(MissingRule(node.name, node.op, name, path, hint))
+            readers = [u for u in node.users if _reads_result(u)]
+            reason = "no rule is registered for it"
+            if readers:
+                fields = ", ".join(repr(u.args[1]) for u in readers if len(u.args) > 1)
+                reason += (
+                    f" (its result is a tuple; the model reads field(s) {fields} of it: the "
+                    "rule describes the map to the field(s) used)"
+                )
+            missing.append(
+                MissingRule(node.name, node.op, name, path, hint, reason, node_label(node))
+            )
     return missing
 
 
@@ -149,6 +212,9 @@ def propagate(
     out_node: fx.Node | None = None
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node in gm.graph.nodes:
+        if node.op == "placeholder" and node in constants:
+            transfers[node], rules[node] = Transfer(zero, zero), "constant"
+            continue
         if node.op == "placeholder":
             if node is not placeholders[0]:
                 raise InputError(
@@ -160,10 +226,7 @@ def propagate(
         if node.op == "output":
             out = node.args[0]
             if not isinstance(out, fx.Node):
-                raise InputError(
-                    f"the model returns {type(out).__name__} (e.g. a tuple of tensors); curvbound "
-                    "bounds a map to one tensor. Wrap the model to return the tensor to bound."
-                )
+                raise InputError(_output_message(out))
             if out in constants:
                 raise InputError("the model's output does not depend on its input")
             out_node = out
@@ -190,16 +253,27 @@ def propagate(
                 result = None
             except Exception as exc:
                 raise RuleError(
-                    f"rule {rule_name(fn)} failed on node '{node.name}' ({node.op} "
-                    f"{_describe_target(node, gm)[0]}): {type(exc).__name__}: {exc}"
+                    f"rule {rule_name(fn)} failed on {node_label(node)} (fx node '{node.name}', "
+                    f"{node.op} {_describe_target(node, gm)[0]}): {type(exc).__name__}: {exc}"
                 ) from exc
             if result is not None:
+                result = _check_transfer(result, fn, node)
                 rules[node] = rule_name(fn)
                 break
         if result is None:
             name, path, hint = _describe_target(node, gm)
             why = "; ".join(reasons) if reasons else "every candidate rule declined it"
-            declined.append(MissingRule(node.name, node.op, name, path, hint, reason=why))
+            declined.append(
+                MissingRule(
+                    node.name,
+                    node.op,
+                    name,
+                    path,
+                    _declined_hint(node, gm, hint),
+                    reason=why,
+                    label=node_label(node),
+                )
+            )
             transfers[node] = Transfer(sympy.oo, sympy.oo)
             continue
         if _has_inf(result.curvature) or result.nonsmooth:
@@ -213,6 +287,63 @@ def propagate(
         raise UnsupportedOperationError(declined)
     assert out_node is not None
     return transfers, rules, out_node
+
+
+def _output_message(out: object) -> str:
+    if isinstance(out, dict):
+        keys = ", ".join(repr(k) for k in list(out)[:6])
+        return (
+            f"the model returns a dict with keys {keys}; curvbound bounds a map to one tensor. "
+            "Wrap the model to return the entry to bound, e.g. forward(x): return "
+            f"model(x)[{next(iter(out), 'key')!r}]."
+        )
+    if isinstance(out, (tuple, list)):
+        return (
+            f"the model returns a {type(out).__name__} of {len(out)} values; curvbound bounds a "
+            "map to one tensor. Wrap the model to return the tensor to bound, e.g. forward(x): "
+            "return model(x)[0]."
+        )
+    return (
+        f"the model returns {type(out).__name__}, not one tensor; curvbound bounds a map to one "
+        "tensor. Wrap the model to return the tensor to bound."
+    )
+
+
+def _check_transfer(result: object, fn, node: fx.Node) -> Transfer:
+    """A rule must return a Transfer whose bounds can be bounds: not negative, not NaN."""
+    where = f"{node_label(node)} (fx node '{node.name}')"
+    if not isinstance(result, Transfer):
+        raise RuleError(
+            f"rule {rule_name(fn)} returned {type(result).__name__} {result!r:.40} for {where}; a "
+            "rule must return a curvbound.Transfer (e.g. ctx.linear(...), "
+            "curvbound.rules.elementwise(...)(node, ctx)) or None to decline."
+        )
+    fixed = {}
+    for field_name in ("lipschitz", "curvature"):
+        v = getattr(result, field_name)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            fixed[field_name] = sympy.oo if v == float("inf") else sympy.sympify(v)
+    if fixed:
+        result = dataclasses.replace(result, **fixed)
+    for kind, expr in (("Lipschitz", result.lipschitz), ("curvature", result.curvature)):
+        if not isinstance(expr, sympy.Basic):
+            raise RuleError(
+                f"rule {rule_name(fn)} gave a {kind} bound of type {type(expr).__name__} for "
+                f"{where}; Transfer fields are sympy expressions (wrap numbers with "
+                "curvbound.rules.number)."
+            )
+        if expr.has(sympy.nan) or (expr.is_number and expr.is_extended_negative):
+            raise RuleError(
+                f"rule {rule_name(fn)} gave the {kind} bound {expr} for {where}: a bound must be "
+                "≥ 0 and not NaN. Check the rule's constants (absolute values of sup|σ'|, "
+                "sup|σ''|)."
+            )
+        if not expr.is_number and expr.is_extended_negative:
+            raise RuleError(
+                f"rule {rule_name(fn)} gave the {kind} bound {expr} for {where}, which is "
+                "negative for nonnegative inputs; a bound must be ≥ 0."
+            )
+    return result
 
 
 def _own_nonsmooth(result: Transfer, ctx: RuleContext) -> bool:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import math
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import networkx as nx
 import sympy
@@ -12,9 +16,123 @@ from torch import Tensor, fx, nn
 
 from ..runtime.norms import Norm, Quantity
 from . import report
+from .errors import (
+    InputError,
+    ModelStateError,
+    RuleError,
+    SerializationError,
+    StaleBoundError,
+)
 from .margins import margins
+from .naming import node_label
 
-__all__ = ["Bounds", "BoundFunction"]
+__all__ = ["Bounds", "BoundFunction", "CompileSpec", "ModelStructure", "check_finite_samples"]
+
+
+@dataclass(frozen=True)
+class CompileSpec:
+    """How a bound function was compiled: enough to compile it again for a model (``recompile``,
+    copies, pickling). ``compiler`` is the function that compiled it (``curvbound.compile``)."""
+
+    input_shape: tuple[int, ...]
+    dtype: torch.dtype
+    method: str
+    norms: str
+    rules: Any = None
+    anchored: bool = False
+    refresh: bool = True
+    compiler: Callable[..., Any] | None = None
+
+    def compile(self, model: nn.Module, *, refresh: bool | None = None) -> BoundFunction:
+        """Compile ``model`` again with these settings (an example input of zeros)."""
+        if self.compiler is None:
+            raise SerializationError("this bound function does not record how it was compiled")
+        ref = next((t for t in model.parameters() if t.is_floating_point()), None)
+        if ref is None:
+            ref = next((t for t in model.buffers() if t.is_floating_point()), None)
+        dtype = ref.dtype if ref is not None else self.dtype
+        device = ref.device if ref is not None else None
+        x = torch.zeros(self.input_shape, dtype=dtype, device=device)
+        return self.compiler(
+            model,
+            x,
+            method=self.method,
+            norms=self.norms,
+            rules=self.rules,
+            anchored=self.anchored,
+            refresh=self.refresh if refresh is None else refresh,
+        )
+
+
+class ModelStructure:
+    """What a compiled bound depends on, besides parameter values: the module tree (each
+    submodule object and its type) and each parameter object and its shape, buffers' shapes.
+
+    Holds references (not ids), so a replaced object cannot be mistaken for a new one at a
+    reused address. Cheap: one walk over ``named_modules`` and ``named_parameters``.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.modules = list(model.named_modules(remove_duplicate=False))
+        self.params = [
+            (n, p, tuple(p.shape)) for n, p in model.named_parameters(remove_duplicate=False)
+        ]
+        self.buffers = [
+            (n, tuple(b.shape)) for n, b in model.named_buffers(remove_duplicate=False)
+        ]
+
+    def changes(self, model: nn.Module, limit: int = 6) -> list[str]:
+        """How ``model`` differs from the recorded structure (empty when it does not)."""
+        out: list[str] = []
+        now = list(model.named_modules(remove_duplicate=False))
+        if len(now) != len(self.modules) or any(
+            a[0] != b[0] or a[1] is not b[1] for a, b in zip(now, self.modules)
+        ):
+            old = dict(self.modules)
+            new = dict(now)
+            for path, m in new.items():
+                if path not in old:
+                    out.append(f"submodule '{path}' ({type(m).__name__}) was added")
+                elif old[path] is not m:
+                    out.append(
+                        f"submodule '{path}' was replaced ({type(old[path]).__name__} -> "
+                        f"{type(m).__name__})"
+                    )
+            out += [
+                f"submodule '{p}' ({type(m).__name__}) was removed" for p, m in old.items()
+                if p not in new
+            ]
+            if not out:
+                out.append("the module tree was reordered")
+        if len(out) < limit:
+            now_p = list(model.named_parameters(remove_duplicate=False))
+            if len(now_p) != len(self.params) or any(
+                a[0] != b[0] or a[1] is not b[1] or tuple(a[1].shape) != b[2]
+                for a, b in zip(now_p, self.params)
+            ):
+                old_p = {n: (p, s) for n, p, s in self.params}
+                for n, p in now_p:
+                    if n not in old_p:
+                        out.append(f"parameter '{n}' was added")
+                    elif old_p[n][0] is not p:
+                        out.append(f"parameter '{n}' was replaced by a new object")
+                    elif tuple(p.shape) != old_p[n][1]:
+                        out.append(
+                            f"parameter '{n}' changed shape {old_p[n][1]} -> {tuple(p.shape)}"
+                        )
+                names = {n for n, _ in now_p}
+                out += [f"parameter '{n}' was removed" for n in old_p if n not in names]
+        if len(out) < limit:
+            now_b = [(n, tuple(b.shape)) for n, b in model.named_buffers(remove_duplicate=False)]
+            if now_b != self.buffers:
+                old_b, new_b = dict(self.buffers), dict(now_b)
+                out += [
+                    f"buffer '{n}' changed shape {old_b[n]} -> {s}" if n in old_b
+                    else f"buffer '{n}' was added"
+                    for n, s in new_b.items() if old_b.get(n) != s
+                ]
+                out += [f"buffer '{n}' was removed" for n in old_b if n not in new_b]
+        return out[:limit]
 
 
 @dataclass
@@ -65,9 +183,13 @@ class BoundFunction(nn.Module):
         output: str,
         node_info: list,
         expr_builder: Callable[[], tuple[dict, dict]],
+        spec: CompileSpec | None = None,
     ):
         super().__init__()
         object.__setattr__(self, "_model", model)  # not a submodule: its weights stay the user's
+        # how it was compiled (recompile, copies, pickling) and what it depends on (staleness)
+        self._spec = spec
+        self._structure = ModelStructure(model)
         self.quantities = nn.ModuleDict(quantities)
         self.code, self._fn = code, fn
         self.method, self.norms, self.output = method, norms, output
@@ -89,13 +211,173 @@ class BoundFunction(nn.Module):
     def model(self) -> nn.Module:
         return self._model
 
+    # -- state: staleness, recompiling, copies, pickling, devices ------------------------------
+    def check_model(self) -> None:
+        """Raise :class:`~curvbound.StaleBoundError` if the model's structure changed since
+        compile (a submodule replaced, a parameter object swapped or reshaped). ``bf()`` calls it.
+
+        Parameter *values* are read live: optimiser steps, ``load_state_dict`` and in-place edits
+        are not changes of structure.
+        """
+        changes = self._structure.changes(self._model)
+        if changes:
+            raise StaleBoundError(
+                f"the model ({type(self._model).__name__}) changed since this bound function was "
+                "compiled, so its bound would describe the old model:\n"
+                + "\n".join(f"  - {c}" for c in changes)
+                + "\nCall bf.recompile() to compile the model's current structure (or "
+                "curvbound.compile(model, example_input) again)."
+            )
+
+    def recompile(self) -> BoundFunction:
+        """Compile the model again, in place, with the same settings (after a structural change
+        such as ``model[2] = nn.Linear(8, 8)``). Power-iteration state starts afresh. Returns
+        ``self``.
+
+        Example:
+            >>> import torch, curvbound
+            >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh())
+            >>> bf = curvbound.compile(net, torch.zeros(1, 2), norms="certified")
+            >>> net[0] = torch.nn.Linear(2, 2)
+            >>> bf()
+            Traceback (most recent call last):
+            ...
+            curvbound.compiler.errors.StaleBoundError: the model (Sequential) changed ...
+            >>> bf.recompile()()
+            Bounds(lipschitz=..., curvature=..., certified)
+        """
+        if self._spec is None:
+            raise SerializationError("this bound function does not record how it was compiled")
+        fresh = self._spec.compile(self._model)
+        self.__dict__.clear()
+        self.__dict__.update(fresh.__dict__)
+        return self
+
+    def __deepcopy__(self, memo: dict) -> BoundFunction:
+        """An independent bound function of a deep copy of the model: compiled again for the
+        copy (the operators of the original read the original's parameters), with this one's
+        power-iteration state."""
+        if self._spec is None:
+            raise SerializationError("this bound function does not record how it was compiled")
+        model = copy.deepcopy(self._model, memo)
+        state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        new = _rebuild(model, self._spec, state)
+        memo[id(self)] = new
+        return new
+
+    def __reduce_ex__(self, protocol: int):
+        """Pickling (``pickle``, ``torch.save``): the model by value, how it was compiled, and the
+        power-iteration state; unpickling compiles the model again (the rules that cover it must
+        be registered, as at compile). ``torch.load(f, weights_only=False)`` reads it back."""
+        if self._spec is None:
+            raise SerializationError("this bound function does not record how it was compiled")
+        if self._spec.rules is not None:
+            try:
+                pickle.dumps(self._spec.rules, protocol=protocol)
+            except Exception as exc:  # noqa: BLE001 - pickle raises several kinds
+                raise SerializationError(
+                    "the rules passed to curvbound.compile(rules=...) cannot be pickled "
+                    f"({type(exc).__name__}: {exc}). Define them at module level (not as "
+                    "lambdas or local functions), or register them with @curvbound.rule when "
+                    "your module is imported and compile without rules=."
+                ) from exc
+        state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        return (_rebuild, (self._model, self._spec, state))
+
+    def _apply(self, fn, recurse: bool = True):
+        # bf.to(device) / .cuda() / .double() move the model too: generated code reads the
+        # model's live parameters and the bound function's buffers together
+        self._model._apply(fn)
+        self.gm._apply(fn)  # root-level attributes of the traced graph (shared submodules moved)
+        return super()._apply(fn, recurse)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The per-sample input shape the bound was compiled for (batch dimension dropped)."""
+        if self._spec is not None:
+            return tuple(self._spec.input_shape[1:])
+        x = next(n for n in self.gm.graph.nodes if n.op == "placeholder")
+        return tuple(x.meta["tensor_meta"].shape[1:])
+
+    def check_input(self, x: object, name: str = "x") -> Tensor:
+        """Raise :class:`~curvbound.InputError` unless ``x`` is a finite floating-point batch
+        ``(B, *input_shape)`` of the compiled input shape; the message names the first bad
+        sample. Returns ``x``."""
+        want = self.input_shape
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise InputError(
+                f"{name} must be a floating-point tensor (B, {', '.join(map(str, want))}), got "
+                f"{type(x).__name__}{'' if not isinstance(x, Tensor) else ' ' + str(x.dtype)}"
+            )
+        if tuple(x.shape[1:]) != want or x.dim() != len(want) + 1:
+            raise InputError(
+                f"{name} has shape {tuple(x.shape)}, but the bound was compiled for inputs "
+                f"(B, {', '.join(map(str, want))}); pass a batch of such samples (x[None] for "
+                "one sample)."
+            )
+        check_finite_samples(x, name)
+        return x
+
+    def _check_params(self, exc: BaseException | None = None) -> None:
+        """Raise :class:`~curvbound.ModelStateError` naming every non-finite parameter/buffer."""
+        bad = []
+        for name, t in list(self._model.named_parameters()) + list(self._model.named_buffers()):
+            if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
+                bad.append(f"'{name}' ({int((~torch.isfinite(t)).sum())} non-finite)")
+        if bad:
+            raise ModelStateError(
+                "the model has NaN/inf values in " + ", ".join(bad) + "; its bound is "
+                "meaningless. Check the training run (learning rate, loss) or the checkpoint."
+            ) from exc
+
+    def _check_values(self, _transfers=None) -> None:
+        """Evaluate once and raise :class:`~curvbound.RuleError` naming the node and rule whose
+        bound is negative or NaN (compile calls it)."""
+        with torch.no_grad():
+            q = {k: v for k, v in self.quantities.items()}
+            try:
+                _, _, nodes = self._fn(q)
+            except Exception as exc:  # noqa: BLE001 - NaN weights surface as several errors
+                self._check_params(exc)
+                raise
+        fx_nodes = {n.name: n for n in self.gm.graph.nodes}
+        for nb in self._node_info:
+            if nb.name not in nodes:
+                continue
+            L, M = (float(v) for v in nodes[nb.name])
+            inputs_smooth = all(
+                math.isfinite(float(nodes[i][1])) for i in nb.inputs if i in nodes
+            )
+            bad = [
+                f"{k} = {v}" for k, v in (("L", L), ("M", M))
+                if v < 0 or (math.isnan(v) and (k == "L" or inputs_smooth))
+            ]
+            if bad:
+                self._check_params()
+                where = node_label(fx_nodes[nb.name]) if nb.name in fx_nodes else nb.name
+                raise RuleError(
+                    f"rule {nb.rule} gave {', '.join(bad)} for {where} (fx node '{nb.name}'): a "
+                    "bound must be ≥ 0 and not NaN. Check the rule and its constants."
+                )
+
     # -- evaluation -----------------------------------------------------------------------------
     def forward(self, refresh: int = 0) -> Bounds:
-        """Evaluate the bounds; ``refresh=k`` first advances every power iteration by k steps."""
-        if refresh:
-            self.refresh(refresh)
-        q = {k: v for k, v in self.quantities.items()}
-        L, M, nodes = self._fn(q)
+        """Evaluate the bounds; ``refresh=k`` first advances every power iteration by k steps.
+
+        Raises :class:`~curvbound.StaleBoundError` when the model's structure changed since
+        compile, :class:`~curvbound.ModelStateError` when its parameters hold NaN/inf.
+        """
+        self.check_model()
+        try:
+            if refresh:
+                self.refresh(refresh)
+            q = {k: v for k, v in self.quantities.items()}
+            L, M, nodes = self._fn(q)
+        except (ValueError, RuntimeError) as exc:  # e.g. a certified SVD of a NaN matrix
+            self._check_params(exc)
+            raise
+        if _nonfinite(L, M):
+            self._check_params()
         if self.norms == "certified" and self._rounding:
             # rounding of the generated float64 arithmetic, bounded explicitly (compiler/rounding)
             f = self._rounding
@@ -131,6 +413,7 @@ class BoundFunction(nn.Module):
         ``differentiable=True`` (estimate mode) keeps the result on the weights' autograd graph;
         ``pair_steps`` (see :func:`~.margins.margins`) tracks the per-pair eigenvectors instead.
         """
+        self.check_model()
         return margins(self, differentiable=differentiable, pair_steps=pair_steps)
 
     def node_certified(self, name: str) -> bool:
@@ -187,8 +470,14 @@ class BoundFunction(nn.Module):
 
     @property
     def nonsmooth_nodes(self) -> list[str]:
-        """Nodes that are not C¹ themselves (ReLU, max-pool...): why the curvature is infinite."""
-        return [n.name for n in self._node_info if n.nonsmooth]
+        """Nodes that are not C¹ themselves (ReLU, max-pool...): why the curvature is infinite,
+        named by module path and type (``layers.3 (ReLU)``)."""
+        fx_nodes = {n.name: n for n in self.gm.graph.nodes}
+        return [
+            node_label(fx_nodes[n.name]) if n.name in fx_nodes else n.name
+            for n in self._node_info
+            if n.nonsmooth
+        ]
 
     @property
     def graph(self) -> nx.DiGraph:
@@ -247,6 +536,42 @@ class BoundFunction(nn.Module):
 
     def extra_repr(self) -> str:
         return f"model={type(self.model).__name__}, method={self.method}, norms={self.norms}"
+
+
+def _rebuild(model: nn.Module, spec: CompileSpec, state: dict[str, Tensor]) -> BoundFunction:
+    """Compile ``model`` with ``spec`` and load the saved power-iteration ``state`` (unpickling,
+    deep copies, ``curvbound.load``)."""
+    bf = spec.compile(model, refresh=False)
+    mine = bf.state_dict()
+    if set(mine) != set(state) or any(mine[k].shape != state[k].shape for k in state):
+        raise SerializationError(
+            "the saved bound function's state does not fit the bound compiled now for this "
+            f"model (saved {len(state)} entries, compiled {len(mine)}): the model or the "
+            "registered rules differ from those at save time. Compile it afresh instead."
+        )
+    bf.load_state_dict(state)
+    return bf
+
+
+def check_finite_samples(x: Tensor, name: str = "x") -> None:
+    """Raise :class:`~curvbound.InputError` naming the first sample of ``x`` with NaN/inf."""
+    if x.is_meta:
+        raise InputError(f"{name} is on the meta device: it has no values")
+    finite = torch.isfinite(x.detach()).reshape(len(x), -1).all(dim=1) if len(x) else None
+    if finite is not None and not bool(finite.all()):
+        bad = (~finite).nonzero()[:, 0]
+        shown = ", ".join(str(int(i)) for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        raise InputError(
+            f"{name} has NaN or inf values in {len(bad)} sample(s), first at index {int(bad[0])} "
+            f"(samples {shown}); nothing was computed. Remove or fix those samples."
+        )
+
+
+def _nonfinite(L: Any, M: Any) -> bool:
+    """NaN in either bound, or an infinite Lipschitz bound (curvature may be ∞: not C¹)."""
+    lv = L.detach() if isinstance(L, Tensor) else torch.tensor(float(L))
+    mv = M.detach() if isinstance(M, Tensor) else torch.tensor(float(M))
+    return bool(torch.isnan(lv).any() or torch.isnan(mv).any() or torch.isinf(lv).any())
 
 
 def _tensor(v) -> Tensor:

@@ -16,6 +16,7 @@ from torch import fx, nn
 from ..runtime.norms import Norm, Quantity
 from ..runtime.operators import Chain, Dense, FunctionOperator, LinearOperator
 from .exprs import round_up
+from .naming import node_label
 
 __all__ = [
     "Transfer",
@@ -167,6 +168,63 @@ class RuleContext:
             return n.meta["constant_value"]
         raise ValueError(f"argument '{n.name}' is not a constant this rule can read")
 
+    def live(self, n: Any) -> Callable[[], Any]:
+        """A getter of a constant argument's *current* value, recomputed from the live parameters
+        on every call: a parameter (``get_attr``) or a value computed from parameters in forward
+        (a weight-normalised ``g·v/‖v‖``, a transposed weight). Python values are returned as is.
+
+        Raises ValueError (with the reason) for values that depend on random draws or on the
+        input's values.
+        """
+        if not isinstance(n, fx.Node):
+            return lambda: n
+        if n not in self._constants:
+            raise ValueError(f"argument '{n.name}' depends on the network input")
+        order: list[fx.Node] = []
+        seen: set[fx.Node] = set()
+
+        def visit(m: fx.Node) -> None:
+            if m in seen:
+                return
+            seen.add(m)
+            for i in m.all_input_nodes:
+                visit(i)
+            order.append(m)
+
+        visit(n)
+        for m in order:
+            if m.op in ("call_function", "call_method") and _is_random(m):
+                raise ValueError(
+                    f"argument '{n.name}' is computed with a random draw ('{m.name}'): the "
+                    "model is not a fixed function"
+                )
+        root, graph_order = self.root, order
+
+        def get() -> Any:
+            env: dict[fx.Node, Any] = {}
+            for m in graph_order:
+                if m.op == "get_attr":
+                    obj: Any = root
+                    for part in m.target.split("."):
+                        obj = getattr(obj, part)
+                    env[m] = obj
+                elif m.op == "placeholder" and m.args:  # an argument left at its default
+                    env[m] = m.args[0]
+                elif m.op == "placeholder":  # the input: only its shape is read (x.size())
+                    meta = m.meta.get("tensor_meta")
+                    env[m] = torch.empty(tuple(meta.shape), dtype=meta.dtype, device="meta")
+                else:
+                    args, kwargs = fx.node.map_arg((m.args, m.kwargs), lambda a: env[a])
+                    if m.op == "call_function":
+                        env[m] = m.target(*args, **kwargs)
+                    elif m.op == "call_method":
+                        env[m] = getattr(args[0], m.target)(*args[1:], **kwargs)
+                    else:
+                        env[m] = root.get_submodule(m.target)(*args, **kwargs)
+            return env[n]
+
+        return get
+
     # -- the inputs' bounds ---------------------------------------------------------------------
     def transfer(self, n: fx.Node) -> Transfer:
         """The transfer already computed for an input node (read-only)."""
@@ -205,7 +263,7 @@ class RuleContext:
                 # fall back to an estimate that makes Bounds.certified False.
                 q = Norm(op, "estimate", seed=seed, label=op.describe(), dtype=dtype)
                 q.note = f"{sym} is a power-iteration ESTIMATE, not a bound: {exc}"
-                warnings.warn(f"node '{self.node.name}': {q.note}", stacklevel=2)
+                warnings.warn(f"{node_label(self.node)}: {q.note}", stacklevel=2)
         return sym, q
 
     def dense(self, weight: Callable[[], torch.Tensor], source: fx.Node | None = None) -> Transfer:
@@ -265,6 +323,22 @@ class RuleContext:
         for refine in self.refiners:
             t = refine(self, t)
         return t
+
+
+_RANDOM = {
+    torch.rand, torch.randn, torch.randint, torch.randperm, torch.normal, torch.bernoulli,
+    torch.multinomial, torch.rand_like, torch.randn_like, torch.randint_like, torch.poisson,
+}
+_RANDOM_METHODS = {"uniform_", "normal_", "bernoulli_", "random_", "exponential_", "cauchy_"}
+
+
+def _is_random(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _RANDOM_METHODS
+    if node.target in _RANDOM:
+        return True
+    name = getattr(node.target, "__name__", "")
+    return "dropout" in name and bool(node.kwargs.get("training", True))
 
 
 def is_reduction_free_getitem(node: fx.Node) -> bool:

@@ -17,6 +17,9 @@ __all__ = [
     "RuleError",
     "NonSmoothError",
     "MethodCoverageError",
+    "StaleBoundError",
+    "RegistrationError",
+    "SerializationError",
 ]
 
 
@@ -34,11 +37,17 @@ class MissingRule:
     module_path: str | None
     hint: str
     reason: str = "no rule is registered for it"
+    #: what users know the node as: module path and type, ``layers.3 (MyAct)``
+    label: str = ""
 
     def describe(self) -> str:
-        where = f" (module path '{self.module_path}')" if self.module_path else ""
+        if self.label:
+            head = f"- {self.label} [fx node '{self.node}']: {self.op} {self.target}"
+        else:
+            where = f" (module path '{self.module_path}')" if self.module_path else ""
+            head = f"- node '{self.node}': {self.op} {self.target}{where}"
         return (
-            f"- node '{self.node}': {self.op} {self.target}{where}: {self.reason}.\n"
+            f"{head}: {self.reason}.\n"
             + "\n".join("      " + line for line in self.hint.splitlines())
         )
 
@@ -81,3 +90,22 @@ class NonSmoothError(CurvboundError):
 
 class MethodCoverageError(CurvboundError):
     """The requested method ("paper", "crt") does not cover this graph; the node is named."""
+
+
+class StaleBoundError(CurvboundError):
+    """The model's structure changed since compile (a submodule replaced, a parameter object
+    swapped or reshaped): the compiled bound describes the old model. Call ``bf.recompile()``.
+
+    Changing parameter *values* (optimiser steps, ``load_state_dict``, in-place edits) is not a
+    structural change: the bound reads them live.
+    """
+
+
+class RegistrationError(CurvboundError, ValueError):
+    """A rule or constant given to the registry is unusable (negative, NaN or infinite
+    constants, a value that is not a rule)."""
+
+
+class SerializationError(CurvboundError):
+    """A bound function could not be saved or loaded (unpicklable per-call rules, a saved state
+    that does not match the recompiled bound)."""

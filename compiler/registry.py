@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .errors import RegistrationError
+
 __all__ = ["Registry", "DEFAULT_REGISTRY", "rule", "lookup_key", "rule_name", "layered"]
 
 Rule = Callable[..., Any]
@@ -79,6 +81,7 @@ class Registry:
             )
 
         def deco(fn: Rule) -> Rule:
+            _check_rule(fn, targets[0])
             for t in targets:
                 self._rules.setdefault(t, []).insert(0, fn)  # latest registration is tried first
             return fn
@@ -120,9 +123,29 @@ class Registry:
                 return []
         return []
 
+    def __reduce__(self):
+        # the default registry is a module-level singleton: pickled by reference (its rules are
+        # registered again when the modules that define them are imported)
+        if self is DEFAULT_REGISTRY:
+            return (_default_registry, ())
+        return super().__reduce__()
+
     def catalogue(self) -> dict[str, list[str]]:
         """``{target name: [rule names]}`` for every key, for docs and coverage tests."""
         return {target_name(k): [rule_name(r) for r in self.candidates(k)] for k in self.keys()}
+
+
+def _default_registry() -> Registry:
+    return DEFAULT_REGISTRY
+
+
+def _check_rule(fn: Any, target: Any) -> None:
+    if not callable(fn) or isinstance(fn, (type, str)):
+        raise RegistrationError(
+            f"the rule given for {target_name(target)} is {type(fn).__name__} {fn!r:.60}, not a "
+            "rule: a rule is a function (node, ctx) -> Transfer | None, e.g. "
+            "curvbound.rules.elementwise(slope=..., curvature=...)"
+        )
 
 
 def _same_forward(cls: type, parent: type) -> bool:
@@ -163,8 +186,15 @@ def layered(overrides: Registry | Mapping[Any, Rule | Iterable[Rule]] | None) ->
             for fn in reversed(overrides.candidates(k)):
                 top.add(k, fn)
         return top
+    if not isinstance(overrides, Mapping):
+        raise RegistrationError(
+            f"rules must be a curvbound.Registry or a mapping {{target: rule}}, got "
+            f"{type(overrides).__name__}"
+        )
     top = Registry(parent=DEFAULT_REGISTRY)
     for k, fns in overrides.items():
+        if isinstance(fns, (str, bytes)) or not (callable(fns) or isinstance(fns, Iterable)):
+            _check_rule(fns, k)  # raises: a string would be iterated character by character
         for fn in [fns] if callable(fns) else list(fns)[::-1]:
             top.add(k, fn)
     return top

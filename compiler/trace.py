@@ -13,7 +13,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .errors import InputError, TracingError
 from .registry import Registry
 
-__all__ = ["trace", "propagate_shapes"]
+__all__ = ["trace", "propagate_shapes", "unwrap_model", "check_inputs"]
 
 
 class _Tracer(fx.Tracer):
@@ -30,8 +30,63 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module that computes: unwraps ``torch.compile`` (``_orig_mod``), ``DataParallel`` and
+    ``DistributedDataParallel`` (``.module``), repeatedly. Any other module is returned as is.
+
+    The wrappers share their parameters with the inner module, so a bound of the inner module
+    reads the same live weights.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Linear(2, 2)
+        >>> unwrap_model(torch.nn.DataParallel(net)) is net
+        True
+    """
+    seen = 0
+    while seen < 16:  # wrappers of wrappers; a cycle cannot make this loop forever
+        seen += 1
+        inner = getattr(model, "_orig_mod", None)  # torch._dynamo's OptimizedModule
+        if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
+            model = inner
+            continue
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+            continue
+        break
+    return model
+
+
+def check_inputs(gm: fx.GraphModule) -> None:
+    """Raise :class:`InputError` unless forward takes exactly one tensor without a default.
+
+    Run right after tracing, before the example input is run through the model.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if not placeholders:
+        raise InputError("the model's forward takes no input; curvbound bounds maps of one tensor")
+    extra = [n.target for n in placeholders[1:] if not n.args]  # args = (default,) when given
+    if extra:
+        names = ", ".join(str(n.target) for n in placeholders)
+        raise InputError(
+            f"the model's forward takes {len(placeholders)} inputs ({names}); curvbound bounds a "
+            f"map of one tensor. Fix the other input(s) ({', '.join(map(str, extra))}): give "
+            "them defaults, or wrap the model, e.g.\n"
+            "    class Wrapped(torch.nn.Module):\n"
+            "        def __init__(self, model, y):\n"
+            "            super().__init__(); self.model, self.y = model, y\n"
+            "        def forward(self, x):\n"
+            "            return self.model(x, self.y)"
+        )
+
+
 def trace(model: nn.Module, registry: Registry) -> fx.GraphModule:
     """Symbolically trace ``model``; modules with a rule stay single ``call_module`` nodes."""
+    if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+        raise TracingError(
+            f"the model is wrapped by torch.compile ({type(model).__name__}); pass the module it "
+            "wraps, model._orig_mod (curvbound.compile unwraps it itself)"
+        )
     tracer = _Tracer(registry)
     try:
         graph = tracer.trace(model)

@@ -11,6 +11,7 @@ __all__ = ["check_model_state", "check_example_input"]
 
 _STOCHASTIC = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _NORMS = (nn.modules.batchnorm._BatchNorm,)
+_HOOKS = {"WeightNorm": "weight_norm", "SpectralNorm": "spectral_norm"}
 
 
 def check_model_state(model: nn.Module) -> None:
@@ -38,7 +39,27 @@ def check_model_state(model: nn.Module) -> None:
                 f"- '{where}' ({type(m).__name__}) is in train mode: it is random. "
                 "Call model.eval()."
             )
+        for hook in getattr(m, "_forward_pre_hooks", {}).values():
+            kind = type(hook).__name__
+            if kind in ("WeightNorm", "SpectralNorm"):
+                problems.append(
+                    f"- '{where}' ({type(m).__name__}) uses the hook-based "
+                    f"torch.nn.utils.{_HOOKS[kind]}: its weight is recomputed only when the module "
+                    "runs, so a bound would read a stale weight. Use "
+                    f"torch.nn.utils.parametrizations.{_HOOKS[kind]} instead (read live)."
+                )
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    metas = [n for n, t in tensors if t.is_meta]
+    if metas:
+        shown = ", ".join(f"'{n}'" for n in metas[:5]) + (" ..." if len(metas) > 5 else "")
+        problems.append(
+            f"- {len(metas)} parameter(s)/buffer(s) are on the meta device ({shown}): they have "
+            "no values. Materialise the model first (model.to_empty(device=...) then "
+            "load_state_dict, or load_state_dict(..., assign=True))."
+        )
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta:
+            continue
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             problems.append(
@@ -64,6 +85,12 @@ def check_example_input(model: nn.Module, example_input: object) -> torch.Tensor
             f"example_input must have a leading batch dimension of size ≥ 1, got shape "
             f"{tuple(example_input.shape)}; e.g. x[None] for a single sample."
         )
+    if example_input.is_meta:
+        raise InputError(
+            f"example_input is on the meta device (shape {tuple(example_input.shape)}): it has "
+            "no values to run through the model. Pass a real tensor on the model's device, e.g. "
+            f"torch.zeros({', '.join(map(str, example_input.shape))})."
+        )
     if not example_input.is_floating_point():
         raise InputError(
             f"example_input must be floating point (got {example_input.dtype}): bounds are "
@@ -75,6 +102,15 @@ def check_example_input(model: nn.Module, example_input: object) -> torch.Tensor
             f"example_input has dtype {example_input.dtype} but the model's parameters are "
             f"{params[0].dtype}; convert one of them (e.g. example_input.to({params[0].dtype}))."
         )
+    devices = {t.device for t in params if not t.is_meta}
+    if params and devices and example_input.device not in devices:
+        raise InputError(
+            f"example_input is on {example_input.device} but the model's parameters are on "
+            f"{sorted(map(str, devices))}; move one of them (example_input.to(...))."
+        )
     if not bool(torch.isfinite(example_input).all()):
-        raise InputError("example_input contains NaN or inf values")
+        raise InputError(
+            "example_input contains NaN or inf values; pass finite values (only its shape "
+            "matters, e.g. torch.zeros_like(example_input))"
+        )
     return example_input

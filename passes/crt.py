@@ -40,6 +40,7 @@ import sympy
 
 from ..compiler.context import RuleContext, Transfer
 from ..compiler.errors import MethodCoverageError
+from ..compiler.naming import node_label
 from ..runtime.margins import MarginFold, PairCRT, PairVectorNorm
 from ..runtime.operators import Chain, Dense
 from ..runtime.products import CRTSensitivity
@@ -59,8 +60,9 @@ def crt_output(ctx: RuleContext, layers: list[Layer], rules: dict) -> Transfer:
         op = ctx.transfer(layer.affine).operator
         if not _is_linear(op):
             raise MethodCoverageError(
-                f"method='crt' covers MLPs (Linear layers, flatten, one smooth activation); node "
-                f"'{layer.affine.name}' (rule {rules.get(layer.affine)}) is {op.describe()}. "
+                f"method='crt' covers MLPs (Linear layers, flatten, one smooth activation); "
+                f"{node_label(layer.affine)} (fx node '{layer.affine.name}', rule "
+                f"{rules.get(layer.affine)}) is {op.describe()}. "
                 "Use method='compositional'."
             )
     acts = [ctx.transfer(layer.activation).elementwise for layer in layers[:-1]]
@@ -68,7 +70,8 @@ def crt_output(ctx: RuleContext, layers: list[Layer], rules: dict) -> Transfer:
     if len(names) > 1:
         first = next(layer.activation for layer, a in zip(layers, acts) if a.name != acts[0].name)
         raise MethodCoverageError(
-            f"method='crt' needs one activation type; node '{first.name}' is {names} "
+            f"method='crt' needs one activation type; {node_label(first)} (fx node "
+            f"'{first.name}') is {names} "
             f"(mixed). Use method='compositional'."
         )
     t = ctx.transfer(ctx.node)

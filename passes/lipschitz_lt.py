@@ -47,6 +47,7 @@ from torch import fx
 
 from ..compiler.codegen import round_up
 from ..compiler.context import Elementwise, RuleContext, Transfer
+from ..compiler.naming import node_label
 from ..runtime.margins import MarginFold, PairLipLT, PairScaledRows, PairVectorNorm
 from ..runtime.norms import Norm
 from ..runtime.operators import LinearOperator
@@ -192,7 +193,7 @@ def _product(ctx: RuleContext, seg: ChainSegment, i: int, j: int, quantities: di
             seg.own.remove(q)
             q = ProductNorm(seg, i, j, op, "estimate", seed=seed, label=op.describe(), dtype=dtype)
             q.note = f"{sym} is a power-iteration ESTIMATE, not a bound: {exc}"
-            warnings.warn(f"node '{ctx.node.name}': {q.note}", stacklevel=3)
+            warnings.warn(f"{node_label(ctx.node)}: {q.note}", stacklevel=3)
             seg.add(q)
     seg.symbols[(i, j)] = sym
     quantities[sym] = q

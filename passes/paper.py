@@ -33,7 +33,7 @@ compositional Bounds(lipschitz=0.415375, curvature=0.427258, certified)
 >>> curvbound.compile(relu, torch.zeros(1, 4), method="paper")
 Traceback (most recent call last):
 ...
-curvbound.compiler.errors.MethodCoverageError: method='paper': activation node '_1' ... is not C¹
+curvbound.compiler.errors.MethodCoverageError: method='paper': activation 1 (ReLU) ... is not C¹
 (σ' is discontinuous), so its curvature is infinite. Use method='compositional', ...
 """
 
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from ..compiler.context import RuleContext, Transfer
 from ..compiler.errors import MethodCoverageError
+from ..compiler.naming import node_label
 from ..runtime.products import HADAMARD_HIDDEN_LIMIT, PRODUCT_ENTRY_LIMIT
 from .lipschitz_lt import final_block, segment_of
 from .sequential import Layer
@@ -58,14 +59,16 @@ def paper_output(ctx: RuleContext, layers: list[Layer], rules: dict) -> Transfer
         found = segment_of(ctx, layer.affine)
         if found is None or found[0].start.op != "placeholder":
             raise MethodCoverageError(
-                f"method='paper': the LipLT chain breaks at node '{layer.affine.name}' (rule "
-                f"{rules.get(layer.affine)}): its linear map has no norm quantity of the chain. "
+                f"method='paper': the LipLT chain breaks at {node_label(layer.affine)} "
+                f"(fx node '{layer.affine.name}', rule {rules.get(layer.affine)}): its linear map "
+                "has no norm quantity of the chain. "
                 "Use method='compositional'."
             )
     final = final_block(ctx, t)
     if final is None:
         raise MethodCoverageError(
-            f"method='paper': the final block at node '{out.name}' is too large for the "
+            f"method='paper': the final block at {node_label(out)} (fx node '{out.name}') is too "
+            "large for the "
             f"vectorised-Jacobian bound (it needs single-layer G and W, hidden width ≤ "
             f"{HADAMARD_HIDDEN_LIMIT}, G and W with at most {PRODUCT_ENTRY_LIMIT} entries). "
             "Use method='compositional'."

@@ -9,6 +9,7 @@ from torch import fx
 
 from ..compiler.context import Transfer
 from ..compiler.errors import MethodCoverageError
+from ..compiler.naming import node_label
 
 __all__ = ["Layer", "sequential_path"]
 
@@ -26,8 +27,7 @@ class Layer:
 
 
 def _describe(node: fx.Node, rules: dict[fx.Node, str]) -> str:
-    return f"node '{node.name}' ({node.op} {getattr(node.target, '__name__', node.target)}, " \
-           f"rule {rules.get(node, '?')})"
+    return f"{node_label(node)} (fx node '{node.name}', rule {rules.get(node, '?')})"
 
 
 def sequential_path(

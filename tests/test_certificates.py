@@ -235,7 +235,7 @@ def _relu_net():
 def test_nonsmooth_model_falls_back_to_lipschitz_with_a_warning():
     net = _relu_net()
     x = torch.randn(32, 4)
-    with pytest.warns(UserWarning, match="not C¹ at nodes '_1'"):
+    with pytest.warns(UserWarning, match=r"not C¹ at nodes '1 \(ReLU\)'"):
         cert = curvbound.certify(net, x)
     assert not cert.curvature_used
     assert (cert.curvature_radius == 0).all() and (cert.lipschitz_radius > 0).all()
@@ -248,7 +248,7 @@ def test_nonsmooth_model_falls_back_to_lipschitz_with_a_warning():
 
 
 def test_nonsmooth_model_raises_when_curvature_is_requested():
-    with pytest.raises(curvbound.NonSmoothError, match="'_1'"):
+    with pytest.raises(curvbound.NonSmoothError, match=r"'1 \(ReLU\)'"):
         curvbound.certify(_relu_net(), torch.randn(4, 4), curvature=True)
 
 
@@ -288,7 +288,7 @@ def test_bad_inputs_are_rejected():
         with pytest.raises(curvbound.InputError, match=rf"y\[1\] = {label} .*0\.\.2"):
             curvbound.certify(net, torch.ones(2, 3), torch.tensor([0, label]))
     other = curvbound.compile(nn.Sequential(nn.Linear(3, 3)), torch.ones(1, 3))
-    with pytest.raises(ValueError, match="different model"):
+    with pytest.raises(curvbound.InputError, match="different model"):
         curvbound.certify(net, torch.ones(2, 3), bound_fn=other)
 
 

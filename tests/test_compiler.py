@@ -204,7 +204,8 @@ def test_rule_error_names_node():
     def broken(node, ctx):
         raise RuntimeError("boom")
 
-    with pytest.raises(curvbound.RuleError, match=r"broken failed on node '_1'.*boom"):
+    match = r"broken failed on 1 \(Tanh\) \(fx node '_1'.*boom"
+    with pytest.raises(curvbound.RuleError, match=match):
         curvbound.compile(small_mlp(dtype=torch.float32), torch.zeros(1, 5), rules=reg)
 
 
@@ -217,7 +218,7 @@ def test_relu_gives_infinite_curvature_and_names_culprits():
     bf = curvbound.compile(model, torch.zeros(1, 1, 8, 8), norms="certified")
     out = bf()
     assert math.isinf(float(out.curvature)) and math.isfinite(float(out.lipschitz))
-    assert bf.nonsmooth_nodes == ["_1", "_2"]
+    assert bf.nonsmooth_nodes == ["1 (ReLU)", "2 (MaxPool2d)"]
 
 
 # -- user rules ---------------------------------------------------------------------------------

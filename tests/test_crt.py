@@ -92,7 +92,7 @@ def test_crt_softplus_and_flatten():
         (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(32, 2)),
          r"node '_0'.*Conv2d"),
         (nn.Sequential(nn.Flatten(), nn.Linear(36, 5), nn.Tanh(), nn.Linear(5, 5), nn.Sigmoid(),
-                       nn.Linear(5, 2)), r"one activation type; node '_4'"),
+                       nn.Linear(5, 2)), r"one activation type; 4 \(Sigmoid\) \(fx node '_4'\)"),
         (nn.Sequential(nn.Flatten(), nn.Linear(36, 5), nn.ELU(alpha=0.5), nn.Linear(5, 2)),
          r"'_2'.*not C¹"),
     ],

@@ -225,7 +225,7 @@ class Residual(nn.Module):
         (nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2)), r"'_1'.*not C¹"),
         (nn.Sequential(nn.Linear(4, 5), nn.Tanh()), r"end with a linear layer.*'_1'"),
         (nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Tanh(), nn.Linear(5, 2)),
-         r"activation node '_2'.*does not follow a linear layer"),
+         r"activation .*\(fx node '_2'.*does not follow a linear layer"),
     ],
 )
 def test_paper_rejects_uncovered_graphs(model, match):
@@ -237,5 +237,5 @@ def test_paper_rejects_uncovered_graphs(model, match):
 def test_paper_rejects_too_wide_final_block():
     model = nn.Sequential(nn.Conv2d(1, 9, 3, padding=1), nn.Tanh(), nn.Flatten(),
                           nn.Linear(9 * 16 * 16, 2)).eval()
-    with pytest.raises(MethodCoverageError, match=r"final block at node '_3'"):
+    with pytest.raises(MethodCoverageError, match=r"final block at 3 \(Linear\) \(fx node '_3'\)"):
         curvbound.compile(model, torch.zeros(1, 1, 16, 16), method="paper")

@@ -11,6 +11,8 @@ import torch
 from torch import fx
 
 from ...compiler.context import Elementwise, RuleContext, Transfer
+from ...compiler.errors import RegistrationError
+from ...compiler.naming import node_label
 from ...compiler.registry import DEFAULT_REGISTRY
 from ...runtime.operators import FunctionOperator, Reshape, Scalar
 
@@ -22,6 +24,7 @@ __all__ = [
     "scaled",
     "broadcast_factor",
     "number",
+    "check_constants",
 ]
 
 register = DEFAULT_REGISTRY.register
@@ -51,6 +54,60 @@ def _num(x: Any) -> sympy.Expr:
     return number(x)
 
 
+def check_constants(slope: Any, curvature: Any, slope_range: Any = None, where: str = "") -> None:
+    """Raise :class:`~curvbound.RegistrationError` unless the constants can be bounds:
+    sup|σ'| finite and ≥ 0, sup|σ''| ≥ 0 (∞ for a non-C¹ map), lo ≤ hi finite.
+
+    >>> check_constants(1.0, 0.5)
+    >>> check_constants(-1.0, 0.5)
+    Traceback (most recent call last):
+    ...
+    curvbound.compiler.errors.RegistrationError: slope = -1.0 is negative: ...
+    """
+    at = f" ({where})" if where else ""
+
+    def value(name: str, x: Any, allow_inf: bool) -> sympy.Expr:
+        if x is None:
+            raise RegistrationError(f"an elementwise rule needs both slope and curvature{at}")
+        try:
+            v = number(x)
+        except (TypeError, ValueError) as exc:
+            raise RegistrationError(f"{name} = {x!r} is not a number{at}: {exc}") from exc
+        if v is sympy.nan or (isinstance(x, float) and math.isnan(x)):
+            raise RegistrationError(f"{name} = {x!r} is NaN{at}: a bound must be a number.")
+        if v.is_number and not v.is_extended_real:
+            raise RegistrationError(f"{name} = {x!r} is not a real number{at}")
+        if v.is_number and v.is_extended_negative:
+            raise RegistrationError(
+                f"{name} = {x!r} is negative: it must be an upper bound of sup|σ{_PRIMES[name]}| "
+                f"≥ 0{at}. Pass the absolute bound, e.g. {name}={_abs(x)}."
+            )
+        if v.is_infinite and not allow_inf:
+            raise RegistrationError(
+                f"{name} = {x!r} is infinite{at}: a map with unbounded slope has no Lipschitz "
+                "bound; only curvature may be inf (a non-C¹ map such as ReLU)."
+            )
+        return v
+
+    value("slope", slope, False)
+    value("curvature", curvature, True)
+    if slope_range is not None:
+        for v in slope_range:  # lo may be negative (a non-monotone σ): finite and real
+            value("slope_range bound", _abs(v), False)
+        if number(slope_range[0]) > number(slope_range[1]):
+            raise RegistrationError(f"slope_range {tuple(slope_range)} has lo > hi{at}")
+
+
+_PRIMES = {"slope": "'", "curvature": "''", "slope_range bound": "'"}
+
+
+def _abs(x: Any) -> Any:
+    try:
+        return abs(x)
+    except TypeError:
+        return x
+
+
 def elementwise_transfer(
     ctx: RuleContext,
     slope: Any,
@@ -73,6 +130,7 @@ def elementwise_transfer(
     table, sup|σ''| becomes the per-sample κ(x₀) = max_j β'(u_j(x₀)) and ‖diag(r)A‖ the per-sample
     ‖diag(ρ⊙r)A‖ (:mod:`curvbound.runtime.anchored`); the expressions keep their form.
     """
+    check_constants(slope, curvature, slope_range, f"{name} at {node_label(ctx.node)}")
     a, c = _num(slope), _num(curvature)
     u = ctx.input()
     lo, hi = (number(v) for v in slope_range) if slope_range is not None else (-a, a)
@@ -139,7 +197,29 @@ def elementwise(
         'elementwise(slope=1.0999, curvature=0.5)'
     """
 
-    def rule(node: fx.Node, ctx: RuleContext) -> Transfer:
+    if smoothness is None:
+        check_constants(slope, curvature)  # at registration: bad constants fail here
+    elif not callable(smoothness):
+        check_constants(
+            smoothness.slope, smoothness.curvature, getattr(smoothness, "slope_range", None)
+        )
+    label = getattr(smoothness, "name", None) or (
+        "custom" if callable(smoothness) else f"slope={slope}, curvature={curvature}"
+    )
+    return _ElementwiseRule(slope, curvature, smoothness, f"elementwise({label})")
+
+
+class _ElementwiseRule:
+    """The rule :func:`elementwise` returns: a picklable callable (a compiled bound function
+    that uses it can be saved)."""
+
+    def __init__(self, slope: Any, curvature: Any, smoothness: Any, name: str):
+        self.slope, self.curvature, self.smoothness = slope, curvature, smoothness
+        self.__qualname__ = self.__name__ = name
+        self.__module__ = ""
+
+    def __call__(self, node: fx.Node, ctx: RuleContext) -> Transfer:
+        smoothness = self.smoothness
         rec = smoothness(node, ctx) if callable(smoothness) else smoothness
         if rec is not None:
             return elementwise_transfer(
@@ -150,14 +230,10 @@ def elementwise(
                 getattr(rec, "slope_range", None),
                 record=rec,
             )
-        return elementwise_transfer(ctx, slope, curvature)
+        return elementwise_transfer(ctx, self.slope, self.curvature)
 
-    label = getattr(smoothness, "name", None) or (
-        "custom" if callable(smoothness) else f"slope={slope}, curvature={curvature}"
-    )
-    rule.__qualname__ = rule.__name__ = f"elementwise({label})"
-    rule.__module__ = ""
-    return rule
+    def __repr__(self) -> str:
+        return f"<rule {self.__name__}>"
 
 
 def identity(node: fx.Node, ctx: RuleContext) -> Transfer:

@@ -31,7 +31,20 @@ def _getter(ctx: RuleContext, n: object):
         return lambda: root.get_parameter(path) if _is_param(root, path) else _attr(root, path)
     if isinstance(n, torch.Tensor):
         return lambda: n
-    raise Decline(f"argument {n!r} must be a parameter or constant tensor")
+    if isinstance(n, fx.Node) and ctx.is_constant(n):
+        # computed from parameters in forward (weight norm g·v/‖v‖, W.t()): recomputed live
+        try:
+            get = ctx.live(n)
+            value = get()
+        except ValueError as exc:
+            raise Decline(str(exc)) from exc
+        if isinstance(value, torch.Tensor):
+            return get
+        raise Decline(f"argument '{n.name}' is a {type(value).__name__}, not a tensor")
+    raise Decline(
+        f"argument {n!r} depends on the network input; it must be a parameter, a constant "
+        "tensor or a value computed from parameters only"
+    )
 
 
 def _is_param(root: nn.Module, path: str) -> bool:
@@ -247,11 +260,19 @@ def neg(node: fx.Node, ctx: RuleContext) -> Transfer:
     return scaled(ctx, ctx.input(), -1.0)
 
 
-def _constant_factor(ctx: RuleContext, c) -> float | torch.Tensor:
-    value = ctx.value(c)
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return float(value)
-    return value
+def _constant_factor(ctx: RuleContext, c):
+    """A Python number as a float; a tensor argument (a parameter, a buffer, a value computed
+    from them) as a live getter, so that training it is seen without recompiling."""
+    if not isinstance(c, fx.Node):
+        return float(c) if not isinstance(c, torch.Tensor) else (lambda: c)
+    try:
+        get = ctx.live(c)
+        value = get()
+    except ValueError as exc:
+        raise Decline(str(exc)) from exc
+    if isinstance(value, torch.Tensor):
+        return get
+    return float(value)  # e.g. a number derived from the input's shape, fixed at compile
 
 
 @register(operator.mul, torch.mul, "mul")
@@ -266,9 +287,9 @@ def mul(node: fx.Node, ctx: RuleContext) -> Transfer:
         )
     u = ins[0]
     c = _constant_factor(ctx, b if a is u else a)
-    if not isinstance(c, torch.Tensor):
-        return scaled(ctx, u, float(c))
-    return _tensor_scale(ctx, u, lambda: c)
+    if not callable(c):
+        return scaled(ctx, u, c)
+    return _tensor_scale(ctx, u, c)
 
 
 def _tensor_scale(ctx: RuleContext, u: fx.Node, c) -> Transfer:
@@ -309,9 +330,9 @@ def div(node: fx.Node, ctx: RuleContext) -> Transfer:
     if not ctx.is_constant(b) or ctx.is_constant(a):
         raise Decline("division by an input-dependent tensor has no built-in rule")
     c = _constant_factor(ctx, b)
-    if not isinstance(c, torch.Tensor):
-        return scaled(ctx, ctx.input(), 1.0 / float(c))
-    return _tensor_scale(ctx, ctx.input(), lambda: 1.0 / precise(ctx.value(b)))
+    if not callable(c):
+        return scaled(ctx, ctx.input(), 1.0 / c)
+    return _tensor_scale(ctx, ctx.input(), lambda: 1.0 / precise(c()))
 
 
 def _reduce_dims(ctx: RuleContext, dim) -> tuple[int, ...]:
