@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from ..pipeline import compile as compile_bound
 from . import data as datasets
 from .certificates import Certificate, certify_dataset
+from .distributed import is_main_process
 from .nn import sll_3c1f
 from .training import Accuracy, CurvaturePenalty
 from .zoo import cifar_6c2f, cifar_6f, mlp
@@ -346,7 +347,8 @@ def run(name: str, *, epochs: int | None = None, seed: int = 0, data_dir=None,
         start = time.perf_counter()
         log = train(exp, model, x_train, y_train, epochs=epochs, seed=seed, progress=progress)
         train_seconds = time.perf_counter() - start
-        torch.save({"state_dict": model.state_dict(), "experiment": name}, out / f"{name}.pt")
+        if is_main_process():
+            torch.save({"state_dict": model.state_dict(), "experiment": name}, out / f"{name}.pt")
 
     start = time.perf_counter()
     bf = compile_bound(model, x_test[:1], norms="certified")
@@ -376,8 +378,9 @@ def run(name: str, *, epochs: int | None = None, seed: int = 0, data_dir=None,
         "torch": torch.__version__,
         "version": _version(),
     }
-    (out / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
-    plot_record(record, out / f"{name}.png")
+    if is_main_process():  # under torchrun every rank trains alike and certifies its share
+        (out / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+        plot_record(record, out / f"{name}.png")
     return record
 
 
