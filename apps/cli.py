@@ -270,6 +270,8 @@ def cmd_experiment(args) -> int:
         train_limit=args.train_limit, test_limit=args.test_limit, progress=not args.quiet,
         certify_only=args.certify_only,
     )
+    if not is_main_process():
+        return 0
     print(_experiments.records_table([record]))
     b = record["bounds"]
     kind = "certified" if b["certified"] else "ESTIMATED"
