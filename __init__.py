@@ -17,7 +17,7 @@ into a readable torch function evaluated on the model's live weights. On a small
     softplus()    activations.softplus  0.8852  0.6767  26.7%  yes
     add()         linear.add            1.884   1.13    -      yes
     out (Linear)  linear.linear         1.197   0.7175  -      yes
-    output out: L = 1.1968, M = 0.71751 [compositional, certified]
+    output out: L = 1.1968, M = 0.71751, error = 1.8512e-09 [compositional, certified]
     L: Lipschitz bound and M: curvature bound (Lipschitz constant of the Jacobian) of the map
        from the network input to the node's output (ℓ2 norms).
     share: part of the output's curvature bound created at this node, (∂M_out/∂M_node)·own
@@ -29,6 +29,9 @@ into a readable torch function evaluated on the model's live weights. On a small
        smaller of its alternatives (see bf.explain(node) of the later nodes).
     cert: 'yes' when every number behind the node's bounds is guaranteed, 'est' when some are
        power-iteration estimates (from below) or unproven.
+    error: torch's softplus returns x once beta*x > threshold, so the model jumps there; L and M
+       are the constants of the smooth twin (bf.smooth_twin()) and torch's output is within
+       error of the twin's (docs/certified_norms.md).
 
     print(bf.code)
 
@@ -67,11 +70,13 @@ from .compiler.bound_function import BoundFunction, Bounds
 from .compiler.context import RuleContext, Transfer
 from .compiler.errors import (
     CurvboundError,
+    DiscontinuityError,
     InputError,
     MethodCoverageError,
     ModelStateError,
     NonSmoothError,
     RegistrationError,
+    ResourceError,
     RuleError,
     SerializationError,
     StaleBoundError,
@@ -105,9 +110,11 @@ __all__ = [
     "RuleError",
     "NonSmoothError",
     "MethodCoverageError",
+    "DiscontinuityError",
     "StaleBoundError",
     "RegistrationError",
     "SerializationError",
+    "ResourceError",
     "save",
     "load",
     "errors",

@@ -18,7 +18,7 @@ from .compiler.context import METHODS
 from .compiler.errors import SerializationError, UnsupportedOperationError
 from .compiler.registry import Registry, layered
 from .compiler.trace import check_inputs, propagate_shapes, trace, unwrap_model
-from .passes.checks import check_example_input, check_model_state
+from .passes.checks import check_example_input, check_model_state, check_resources
 from .passes.lipschitz_lt import refine_affine
 from .passes.methods import finalize as finalize_method
 from .runtime.anchored import AnchorState
@@ -68,6 +68,7 @@ def compile(  # noqa: A001 - the public name is fixed by the API
         TracingError, ModelStateError, InputError: untraceable model, train-mode batch norm or
         NaN weights, an unsuitable example input.
         MethodCoverageError: ``method="paper"``/``"crt"`` on a graph it does not cover.
+        ResourceError: the largest dense layer would need more working memory than is free.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -77,6 +78,7 @@ def compile(  # noqa: A001 - the public name is fixed by the API
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = unwrap_model(model)  # torch.compile, DataParallel, DistributedDataParallel
     check_model_state(model)
+    check_resources(model, norms)
     example_input = check_example_input(model, example_input)
     registry = layered(rules)
 
@@ -132,6 +134,13 @@ def compile(  # noqa: A001 - the public name is fixed by the API
     )
     cert, factors, why = rounding.certify_nodes(infos, quantities, norms)
     bf._node_certified, bf._rounding, bf._cert_notes = cert, factors, why
+    made = codegen.generate_errors(gm)
+    if made is not None:
+        bf.error_code, bf._error_fn = made
+        bf._error_factors, not_monotone = rounding.error_factors(infos)
+        for name in not_monotone:  # never happens for the built-in rules; said, not assumed
+            bf._node_certified[name] = False
+        bf._twins = {n.name: t.twin for n, t in transfers.items() if t.twin is not None}
     bf._margin_fold = transfers[out].margin  # how bf.margins() folds e_i − e_j (runtime/margins)
     bf._anchor = anchor  # anchored quantities read the anchor's values from it (runtime/anchored)
     if refresh:

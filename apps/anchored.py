@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, fx, nn
 
+from ..compiler.bound_function import substitute_twins
 from ..runtime.anchored import AnchorState
 
 __all__ = ["AnchoredBounds", "Capture", "anchored_bounds", "anchor_state", "evaluate_anchored"]
@@ -34,13 +35,15 @@ class Capture(nn.Module):
 
     ``Capture(gm, names)(x)`` returns ``(output, {name: value})`` from one forward pass (the
     graph's output node is rewritten to return the extra values). The copy is independent of
-    later changes to the model's weights: make a new one after training.
+    later changes to the model's weights: make a new one after training. ``twins`` (node name →
+    smooth function, ``bf._twins``) makes it a copy of the smooth twin
+    (:func:`~curvbound.compiler.bound_function.substitute_twins`).
     """
 
-    def __init__(self, gm: fx.GraphModule, names: list[str]):
+    def __init__(self, gm: fx.GraphModule, names: list[str], twins: dict | None = None):
         super().__init__()
         g = copy.deepcopy(gm)
-        nodes = {n.name: n for n in g.graph.nodes}
+        nodes = substitute_twins(g, dict(twins or {}))
         unknown = [n for n in names if n not in nodes]
         if unknown:
             raise ValueError(f"nodes {unknown} are not in the traced graph")
@@ -89,11 +92,13 @@ def anchored_bounds(bf, x0: Tensor) -> AnchoredBounds:
     ``bf`` must be compiled with ``anchored=True``. One float64 forward pass captures the
     pre-activation values at the anchors; the compiled bound is then evaluated with per-sample
     anchored quantities (module docstring). Every value is ≤ the global bound ``bf().curvature``.
+    With torch's switching softplus (``bf().error`` > 0) the bounds are those of the smooth twin
+    anchored at x0, and the pass runs the twin (``bf.smooth_twin()``).
     """
     state = anchor_state(bf)
     if not isinstance(x0, Tensor) or x0.dim() < 1:
         raise TypeError("x0 must be a batched tensor (B, *input_shape)")
     bf.check_input(x0, "x0")  # InputError naming the expected shape / the first NaN sample
     with torch.no_grad():
-        _, values = Capture(bf.gm, state.nodes)(x0)
+        _, values = Capture(bf.gm, state.nodes, twins=getattr(bf, "_twins", {}))(x0)
     return evaluate_anchored(bf, values, len(x0))

@@ -15,11 +15,25 @@ g_i = ‖∇(f_i − f_p)(x)‖ and constants L_i, M_i of the margin f_i − f_p
   adversarial example); the point x + t·u for a t just above t* is returned, with a flag saying
   whether it lies in the input domain.
 
+Solvers (``solver=``): ``"closed"`` is the closed form above with two-sided constants (the paper's);
+``"one-sided"`` uses in it the smaller one-sided constants K with ∇²(f_p − f_i) ⪰ −K·I
+(``bf.margins().neg_curvature``; for the attack, ∇²(f_i − f_p) ⪰ −K·I); ``"convex"`` (default)
+takes per class the larger of that and the convex dual certificate of
+:mod:`curvbound.runtime.convex` (global one-sided K), whose iterates beyond the boundary, confirmed
+by a forward pass, become attack certificates when nearer than t*.
+
 Constants of the margins: pairwise ones from ``bf.margins()`` (theory §5) where it is available,
 else √2 times the global bound (the certificate's ``margin_source`` says which), and, with
 ``local=True``, the curvature anchored at x (theory §7, :mod:`curvbound.runtime.anchored`) —
 per pair when the output layer can fold the margin, else √2 times the anchored bound; each
 M_i is the smallest of the valid bounds.
+
+Activations whose torch implementation switches formulas (``nn.Softplus``/``F.softplus`` return x
+once βx > threshold) make torch's map f discontinuous: f = F + E with F the smooth twin
+(``bf.smooth_twin()``), whose constants the bounds are, and ‖E‖ ≤ ε = ``bf().error``. The
+prediction p is f's; gaps, gradients and anchors are F's, and every gap is lowered by √2·ε
+(raised for attacks), because |(e_i − e_p)ᵀE| ≤ √2·ε: f_i − f_p < 0 on the ball follows from
+F_i − F_p < −√2·ε there. With ε = 0 (no switching activation) nothing changes.
 
 Numerics: everything runs in float64 on a float64 copy of the model. Logit gaps are lowered and
 gradient norms raised (raised and lowered for attacks) by 1e-9 relative, which covers the rounding
@@ -34,7 +48,7 @@ Example:
     >>> cert = curvbound.certify(net, x)
     >>> print(cert.summary([0.01, 0.05]))  # doctest: +NORMALIZE_WHITESPACE
     64 samples, no labels (the predictions are certified); margins: pairwise (bf.margins());
-    anchored curvature; bounds certified
+    anchored curvature; convex certificate; bounds certified
     eps     certified  Lipschitz  curvature  attack bound  gap
     0.0100  1.0000     0.9844     1.0000     1.0000        0.0000
     0.0500  0.9375     0.8750     0.9375     0.9375        0.0000
@@ -56,10 +70,11 @@ from torch import Tensor, nn
 
 from ..compiler.bound_function import check_finite_samples
 from ..compiler.errors import InputError, NonSmoothError
-from ..compiler.margins import evaluate_expression
+from ..compiler.margins import evaluate_expression, pair_values
 from ..compiler.rounding import rounding_exponent, rounding_factor
 from ..compiler.trace import unwrap_model
 from ..pipeline import compile as compile_bound
+from ..runtime.convex import convex_radii
 from ..runtime.margins import _Context
 from .anchored import Capture, anchor_state
 from .distributed import sharded
@@ -76,6 +91,9 @@ __all__ = [
 ]
 
 _REL = 1e-9  # relative allowance for the float64 rounding of logits and gradients
+#: Certificates :func:`certify` can compute (module docstring): the paper's closed form with
+#: two-sided constants, the closed form with one-sided constants, and the convex (dual) one.
+SOLVERS = ("closed", "one-sided", "convex")
 _DOWN = 1 - 1e-12  # radii are rounded down by this factor
 
 
@@ -151,6 +169,11 @@ class Certificate:
     local: bool
     curvature_used: bool
     notes: list[str] = field(default_factory=list)
+    #: √2·ε subtracted from every logit gap (added for attacks), ε = ``Bounds.error``: how far
+    #: torch's switching activations can move a margin from the smooth twin's (0 without them)
+    error: float = 0.0
+    solver: str = "closed"
+    convex_radius: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.predicted)
@@ -191,7 +214,11 @@ class Certificate:
             if (self.curvature_used)
             else "Lipschitz only"
         )
-        head += f"; margins: {self.margin_source};\n{curv}; bounds {kind}"
+        solver = {"closed": "closed form", "one-sided": "one-sided closed form",
+                  "convex": "convex certificate"}.get(self.solver, self.solver)
+        if not self.curvature_used:
+            solver = "closed form"
+        head += f"; margins: {self.margin_source};\n{curv}; {solver}; bounds {kind}"
         rows = [("eps", "certified", "Lipschitz", "curvature", "attack bound", "gap")]
         for eps in eps_list:
             cert, up = self.certified_accuracy(eps), self.robust_accuracy_upper(eps)
@@ -273,7 +300,14 @@ class Certifier:
         norms: str = "certified",
         curvature: bool | None = None,
         method: str = "compositional",
+        solver: str = "convex",
+        convex_steps: tuple[int, int] = (14, 12),
     ):
+        if solver not in SOLVERS:
+            raise InputError(
+                f"solver must be one of {', '.join(map(repr, SOLVERS))}, got {solver!r}"
+            )
+        self.solver, self.convex_steps = solver, tuple(convex_steps)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         example, _ = _check_batch(example, None)
@@ -329,7 +363,19 @@ class Certifier:
         self.global_curvature = float(glob.curvature)
         self._pairs(bf)
         names = anchor_state(bf).nodes if self.local else []
-        self.capture = Capture(bf.gm, names)
+        twins = getattr(bf, "_twins", {})
+        # torch's switching activations: gaps, gradients and anchors come from the smooth twin,
+        # the prediction from the model itself, and √2·ε covers the difference (module docstring)
+        self.capture = Capture(bf.gm, names, twins=twins)
+        self.real = Capture(bf.gm, []) if twins else None
+        eps = float(glob.error)
+        self.error = eps * math.sqrt(2) * (1 + 4 * 2.0**-53) if eps else 0.0
+        if eps:
+            self.notes.append(
+                f"torch's switching activations ({', '.join(sorted(twins))}): every logit gap "
+                f"lowered by √2·error = {self.error:.3g} (Bounds.error)"
+            )
+        self._plain: nn.Module | None = None
         self.anchored_pairs = _AnchoredPairs(bf) if self.local else None
 
     def _pairs(self, bf) -> None:
@@ -341,14 +387,18 @@ class Certifier:
         try:
             mg = bf.margins()
             lip, curv = mg.lipschitz.double(), mg.curvature.double()
+            neg = mg.neg_curvature.double()
             self.margin_source = "pairwise (bf.margins())" if mg.pairwise else mg.note
             self.certified = self.certified and bool(mg.certified)
         except Exception as exc:  # noqa: BLE001 - any failure falls back to the global bound
             lip = root2 * self.global_lipschitz * off
-            curv = root2 * self.global_curvature * off
+            curv = neg = root2 * self.global_curvature * off
             self.margin_source = f"√2·global bound (bf.margins() unavailable: {exc})"
         self.pair_lipschitz = lip
-        self.pair_curvature = curv if self.curvature_used else torch.full_like(curv, math.inf)
+        inf = torch.full_like(curv, math.inf)
+        self.pair_curvature = curv if self.curvature_used else inf
+        # neg[i, j]: ∇²(f_i − f_j) ⪰ −K·I (global, one-sided; ≤ the two-sided bound)
+        self.pair_neg_curvature = torch.minimum(neg, curv) if self.curvature_used else inf
 
     def __call__(self, x: Tensor, y: Tensor | None = None) -> Certificate:
         """Certificates for the batch ``x`` (labels ``y`` optional)."""
@@ -370,7 +420,13 @@ class Certifier:
             logits, values = self.capture(x64)
             if logits.dim() != 2 or logits.shape[1] != self.classes:
                 raise InputError(f"the model returned shape {tuple(logits.shape)}, expected (B, K)")
-            pred = logits.argmax(dim=1)
+            if self.real is not None:  # torch's prediction; the twin's logits for the gaps
+                with torch.no_grad():
+                    real = self.real(x64.detach())[0]
+                pred = real.argmax(dim=1)
+            else:
+                real = None
+                pred = logits.argmax(dim=1)
             grads = _margin_gradients(logits, x64, pred)  # (K, B, *shape)
         logits = logits.detach()
         b, k = logits.shape
@@ -395,25 +451,37 @@ class Certifier:
         inf = torch.tensor(math.inf, dtype=torch.float64)
         lip = torch.where(is_p, inf, lip)
         curv = torch.where(is_p, inf, curv)
+        curv_att = curv
+        if self.solver != "closed":
+            # one-sided constants: ∇²(f_p − f_i) ⪰ −neg[p, i]·I bounds the certificate's quadratic
+            # model from below, ∇²(f_i − f_p) ⪰ −neg[i, p]·I the attack's
+            neg_cert = self.pair_neg_curvature[pred]
+            neg_att = self.pair_neg_curvature[:, pred].T
+            curv = torch.minimum(curv, torch.where(is_p, inf, neg_cert))
+            curv_att = torch.minimum(curv_att, torch.where(is_p, inf, neg_att))
         scale = logits.abs()
         slack = _REL * (scale + scale.gather(1, pred[:, None])) + 1e-300
-        m_lo = torch.where(is_p, inf, (gaps - slack).clamp_min(0))
+        m_lo = torch.where(is_p, inf, (gaps - slack - self.error).clamp_min(0))
         g_hi = g * (1 + _REL) + 1e-300
         # certified radii
         r_lip = torch.where(is_p, inf, lipschitz_radius(m_lo, lip)).amin(dim=1) * _DOWN
         r_i = torch.where(is_p, inf, curvature_radius(m_lo, g_hi, curv))
+        correct = None if y is None else pred == y
+        convex = None
+        if self.solver == "convex" and self.curvature_used:
+            convex = self._convex(x64.detach(), pred, correct)
+            r_i = torch.maximum(r_i, torch.where(is_p, inf, convex[0]))
         r_curv = r_i.amin(dim=1) * _DOWN
         if not self.curvature_used:
             r_curv = torch.zeros_like(r_curv)
         radius = torch.maximum(r_lip, r_curv)
-        correct = None if y is None else pred == y
         if correct is not None:
             radius = torch.where(correct, radius, torch.zeros_like(radius))
         # attack certificates
-        m_hi = gaps + slack
+        m_hi = gaps + slack + self.error
         g_lo = (g * (1 - _REL)).clamp_min(0)
-        t_star = torch.where(is_p, inf, attack_distance(m_hi, g_lo, curv))
-        root = torch.sqrt((g_lo * g_lo - 2 * curv * m_hi).clamp_min(0))
+        t_star = torch.where(is_p, inf, attack_distance(m_hi, g_lo, curv_att))
+        root = torch.sqrt((g_lo * g_lo - 2 * curv_att * m_hi).clamp_min(0))
         t_best, cls = t_star.min(dim=1)
         attacked = torch.isfinite(t_best)
         if correct is not None:
@@ -424,19 +492,31 @@ class Certifier:
         attack_class = torch.where(attacked, cls, torch.full_like(cls, -1))
         # the example: t = t* + s with s = 0.1·min(D/M, t*), where the lower model is ≥ 0.95·D·s
         d = root.gather(1, cls[:, None])[:, 0]
-        m_c = curv.gather(1, cls[:, None])[:, 0]
+        m_c = curv_att.gather(1, cls[:, None])[:, 0]
         s = 0.1 * torch.minimum(torch.where(m_c > 0, d / m_c.clamp_min(1e-300), inf), t_best)
         t_ex = torch.where(attacked, t_best + s, inf)
-        idx = attacked.nonzero()[:, 0]
-        direction = grads[cls[idx], idx].detach()
+        direction = grads[cls.clamp_min(0), torch.arange(b)].detach()
         norms = direction.flatten(1).norm(dim=1).clamp_min(1e-300)
         shape = (-1,) + (1,) * (direction.dim() - 1)
-        points = x64.detach()[idx] + (t_ex[idx] / norms).reshape(shape) * direction
+        step = (torch.where(attacked, t_ex, 0) / norms).reshape(shape)
+        all_points = x64.detach() + step * direction
+        if convex is not None:  # nearer adversarial points found by the convex solver
+            _, c_dist, c_point, c_cls = convex
+            use = c_dist < t_ex
+            if correct is not None:
+                use = use & correct
+            attack_radius = torch.where(use, c_dist, attack_radius)
+            attack_class = torch.where(use, c_cls, attack_class)
+            t_ex = torch.where(use, c_dist, t_ex)
+            all_points = torch.where(use.reshape(shape), c_point, all_points)
+            attacked = attacked | use
+        idx = attacked.nonzero()[:, 0]
+        points = all_points[idx]
         return Certificate(
             predicted=pred,
             label=y,
             correct=correct,
-            margin=_runner_up_gap(logits),
+            margin=_runner_up_gap(logits if real is None else real),
             lipschitz_radius=r_lip,
             curvature_radius=r_curv,
             radius=radius,
@@ -454,7 +534,60 @@ class Certifier:
             local=self.local,
             curvature_used=self.curvature_used,
             notes=list(self.notes),
+            error=self.error,
+            solver=self.solver if self.curvature_used else "closed",
+            convex_radius=None if convex is None else torch.where(is_p, inf, convex[0]),
         )
+
+    def _convex(self, x: Tensor, pred: Tensor, correct: Tensor | None):
+        """The convex certificate of every margin f_p − f_i (runtime/convex.py): per (B, K) the
+        radius lower bound (0 where not computed), and per sample the nearest verified adversarial
+        point (distance ∞ where none), its point and its class."""
+        if self._plain is None:
+            # the float64 (smooth-twin) copy the certificates' gradients come from; called
+            # through its graph module so that the solver's steps are not counted as samples
+            twins = getattr(self.bf, "_twins", {})
+            self._plain = Capture(self.bf.gm, [], twins=twins).gm
+        plain = self._plain
+
+        def fn(z: Tensor) -> Tensor:
+            return plain(z)[0]
+
+        b, k = len(x), self.classes
+        rows = torch.arange(b).repeat_interleave(k)
+        cls = torch.arange(k).repeat(b)
+        keep = cls != pred[rows]
+        if correct is not None:
+            keep = keep & correct[rows]
+        rows, cls = rows[keep], cls[keep]
+        p = pred[rows]
+        k_neg = self.pair_neg_curvature[p, cls]
+        k_pos = self.pair_neg_curvature[cls, p]
+        outer, inner = self.convex_steps
+        # the one-sided K bounds the smooth twin; torch's margin differs by at most √2·ε, so
+        # the distance to {twin margin ≤ √2·ε} bounds torch's (offset = self.error)
+        res = convex_radii(fn, x[rows], p, cls, k_neg, k_pos, outer=outer, inner=inner,
+                           offset=self.error)
+        radii = torch.zeros(b, k, dtype=torch.float64)
+        radii[rows, cls] = res.radius
+        # the primal points: adversarial when the float64 forward pass says so
+        dist = torch.full((b,), math.inf, dtype=torch.float64)
+        point = x.clone()
+        klass = torch.full((b,), -1, dtype=torch.long)
+        found = torch.isfinite(res.primal_distance).nonzero()[:, 0]
+        if len(found):
+            with torch.no_grad():  # torch's own model decides (not the smooth twin)
+                pts = res.primal_points[found]
+                at = (self.real(pts)[0] if self.real is not None else fn(pts)).argmax(dim=1)
+            ok = at != p[found]
+            found, at = found[ok], at[ok]
+            for j, a in zip(found.tolist(), at.tolist()):
+                r = int(rows[j])
+                if res.primal_distance[j] < dist[r]:
+                    dist[r] = res.primal_distance[j]
+                    point[r] = res.primal_points[j]
+                    klass[r] = a
+        return radii, dist, point, klass
 
 
 def lipschitz_radius(m: Tensor, lipschitz: Tensor) -> Tensor:
@@ -507,17 +640,16 @@ class _AnchoredPairs:
         certified = bool(bf.certified)
         ctx = _Context(k, certified)
         self.i, self.j = ctx.i, ctx.j
-        self.pairs = {}
-        try:
-            with torch.no_grad():
-                for sym, pq in fold.fold.items():
-                    self.pairs[sym.name] = pq.pairs(ctx)
-        except NotImplementedError:
-            self.ok = False
-            return
         self.expr = out_info.curvature.xreplace(
             {m: sympy.Min(*m.args, *extra) for m, extra in fold.extra.items()}
         )
+        names = {a.name for a in self.expr.free_symbols}
+        try:
+            with torch.no_grad():
+                self.pairs = pair_values(bf, fold, ctx, names)
+        except NotImplementedError:
+            self.ok = False
+            return
         self.factor = 1.0
         if certified:
             e = rounding_exponent(self.expr, {})
@@ -607,6 +739,7 @@ def certify(
     norms: str = "certified",
     curvature: bool | None = None,
     method: str = "compositional",
+    solver: str = "convex",
 ) -> Certificate:
     """Certified radii and attack certificates for the batch ``x`` (theory §6–§7).
 
@@ -623,13 +756,19 @@ def certify(
             Lipschitz certificates; True: raise :class:`~curvbound.NonSmoothError` for a non-C¹
             model; False: Lipschitz certificates only.
         method: the bound's method when it is compiled here.
+        solver: ``"convex"`` (default, the strongest): per class the larger of the one-sided
+            closed-form radius and the convex dual certificate (:mod:`curvbound.runtime.convex`),
+            whose primal points also serve as attack certificates; ``"one-sided"``: the closed
+            form with the one-sided constants ``bf.margins().neg_curvature`` where they are
+            smaller; ``"closed"``: the paper's closed form with two-sided constants (fastest).
 
     Returns:
         a :class:`Certificate` (see the module docstring for an example).
     """
     _check_batch(x, y)  # lengths, labels' dtype, NaN samples: before any compile work
     cert = Certifier(
-        model, x, bound_fn=bound_fn, local=local, norms=norms, curvature=curvature, method=method
+        model, x, bound_fn=bound_fn, local=local, norms=norms, curvature=curvature, method=method,
+        solver=solver,
     )
     return cert(x, y)
 
@@ -646,6 +785,7 @@ def certify_dataset(
     method: str = "compositional",
     limit: int | None = None,
     progress: bool = True,
+    solver: str = "convex",
     distributed: bool | None = None,
 ) -> Certificate:
     """Certify a dataset batch by batch and return the concatenated :class:`Certificate`.
@@ -688,6 +828,7 @@ def certify_dataset(
                 norms=norms,
                 curvature=curvature,
                 method=method,
+                solver=solver,
             )
         parts.append(certifier(x, y))
         done += len(x)

@@ -43,6 +43,9 @@ EXIT_CODES: dict[type, int] = {
     errors.RuleError: 7,
     errors.NonSmoothError: 8,
     errors.MethodCoverageError: 9,
+    errors.StaleBoundError: 12,
+    errors.DiscontinuityError: 13,
+    errors.ResourceError: 14,
     errors.CurvboundError: 10,
 }
 """Exit code per library error (the most specific class wins); 2: bad command line or files,
@@ -59,7 +62,8 @@ EXAMPLES = """examples:
   curvbound experiment mnist-2f --epochs 1 --out runs/
 exit codes: 0 ok; 2 bad arguments or files; 3 unsupported ops (all listed); 4 tracing failed;
   5 model state; 6 bad input; 7 a rule failed; 8 not smooth; 9 method does not cover the model;
-  10 other curvbound error; 11 an optional dependency is missing."""
+  10 other curvbound error; 11 an optional dependency is missing; 12 stale bound;
+  13 an activation jumps too much; 14 not enough memory."""
 
 DATASETS = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 

@@ -65,11 +65,18 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..compiler.registry import DEFAULT_REGISTRY, Registry
+from ..compiler.trace import trace
+
 __all__ = [
     "Margin",
+    "SWITCHES",
+    "switch_sites",
+    "straddling_pairs",
     "curvature_lower_bound",
     "hessian_lower_bound",
     "lipschitz_lower_bound",
+    "neg_curvature_lower_bound",
 ]
 
 Tensor = torch.Tensor
@@ -309,6 +316,36 @@ class _PointHessian:
 
     def value(self, x: Tensor, d: Tensor) -> Tensor:
         return _hvp(self._g, x, self.v, True).norm(dim=1)
+
+
+class _PointNegEigen:
+    """−vᵀ∇²g(x)v with v (unit) the eigenvector of ∇²g(x) of smallest λ: a Rayleigh quotient, so
+    −vᵀ∇²g(x)v ≤ −λ_min(∇²g(x)) whatever v is (exactly when n ≤ ``exact_dim``, else v by power
+    iteration on s·I − ∇²g(x), s the largest ‖∇²g(x)w‖ seen so far times 2)."""
+
+    def __init__(self, prob: _Problem, v0: Tensor, exact: bool, power_steps: int) -> None:
+        self.prob, self.v, self.exact, self.power_steps = prob, v0, exact, power_steps
+        self.power_iterated = not exact
+        self.shift = torch.zeros(len(v0), 1, dtype=v0.dtype)
+
+    def _g(self, z: Tensor) -> Tensor:
+        return self.prob.fn(z)[:, 0]
+
+    def refresh(self, x: Tensor, d: Tensor, steps: int | None = None) -> Tensor:
+        x = x.detach()
+        if self.exact:
+            hess = _hessian(self._g, x)
+            lam, vec = torch.linalg.eigh(0.5 * (hess + hess.transpose(1, 2)))
+            self.v = vec[:, :, 0]
+            return self.value(x, d).detach()
+        for _ in range(steps or self.power_steps):
+            hv = _hvp(self._g, x, self.v, False)
+            self.shift = torch.maximum(self.shift, 2 * hv.norm(dim=1, keepdim=True))
+            self.v = _unit(self.shift * self.v - hv)
+        return self.value(x, d).detach()
+
+    def value(self, x: Tensor, d: Tensor) -> Tensor:
+        return -(_hvp(self._g, x, self.v, True) * self.v).sum(dim=1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -562,3 +599,165 @@ def hessian_lower_bound(g: Callable[[Tensor], Tensor] | nn.Module, input_shape: 
     best = _ascend(objective, dom, x, d, steps=n_steps, lr=lr, move_x=True, move_d=False,
                    polish_steps=polish_steps, deadline=deadline)
     return max(best, 0.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pairs straddling formula switches. torch's softplus returns x itself once βx > threshold: the
+# model jumps there, which neither gradient ascent nor random pairs see (they would need to land on
+# a set of measure zero). These pairs sit just either side of every such switch on purpose.
+
+
+def _softplus_levels(node: torch.fx.Node, root: nn.Module) -> list[float]:
+    if node.op == "call_module":
+        m = root.get_submodule(node.target)
+        beta, threshold = float(m.beta), float(m.threshold)
+    else:
+        args = list(node.args) + [None] * 3
+        beta = float(node.kwargs.get("beta", args[1] if args[1] is not None else 1.0))
+        threshold = float(node.kwargs.get("threshold", args[2] if args[2] is not None else 20.0))
+    return [threshold / beta] if math.isfinite(threshold) and beta > 0 else []
+
+
+#: torch implementations that switch formulas at fixed values of their (elementwise) input:
+#: target → function (node, root module) → the input values where the formula changes. Every other
+#: activation curvbound has a rule for computes one formula on the whole line (tests/test_switching
+#: checks them against high-precision references around their special points).
+SWITCHES: dict[object, Callable[[torch.fx.Node, nn.Module], list[float]]] = {
+    nn.Softplus: _softplus_levels,
+    torch.nn.functional.softplus: _softplus_levels,
+}
+
+
+def switch_sites(model: nn.Module, registry: Registry | None = None) -> list[tuple[str, float]]:
+    """(node name, switch value) for every formula switch of ``model``'s elementwise activations
+    (:data:`SWITCHES`), from curvbound's trace (modules with a rule in ``registry``, default the
+    default registry, stay leaves: their rules answer for what is inside).
+
+    >>> switch_sites(nn.Sequential(nn.Linear(2, 2), nn.Softplus(beta=2.0, threshold=5.0)))
+    [('_1', 2.5)]
+    """
+    gm = trace(model, registry if registry is not None else DEFAULT_REGISTRY)
+    out = []
+    for node in gm.graph.nodes:
+        key = type(gm.get_submodule(node.target)) if node.op == "call_module" else node.target
+        levels = SWITCHES.get(key) if node.op in ("call_module", "call_function") else None
+        if levels is not None:
+            out += [(node.name, v) for v in levels(node, gm)]
+    return out
+
+
+def straddling_pairs(model: nn.Module, input_shape: Shape, *, samples: int = 16,
+                     scale: float = 1.0, seed: int = 0, dtype: torch.dtype = torch.float64,
+                     reach: float = 1e4,
+                     registry: Registry | None = None) -> tuple[Tensor, Tensor]:
+    """Pairs (x, y) with one unit's pre-activation just below (x) and just above (y) a formula
+    switch of one of the model's activations (:func:`switch_sites`), e.g. βz ≤ threshold < βz'
+    for ``nn.Softplus``: the pairs across which torch's function jumps.
+
+    Each pair starts from a random point within ``scale`` of the origin, a random direction and a
+    random (switch site, unit); it brackets a crossing of the switch value along that line
+    (looking up to ``reach``·scale away) and bisects to adjacent floats, so ‖x − y‖ is a few ulps
+    of the points. Lines that never cross are dropped: fewer than ``samples`` pairs may come back
+    (none for a model without switches). Returns two (P, *input_shape) tensors.
+
+    >>> net = nn.Sequential(nn.Linear(1, 1), nn.Softplus(beta=2.0, threshold=5.0)).double()
+    >>> x, y = straddling_pairs(net, (1,), samples=4)
+    >>> z = lambda v: 2.0 * net[0](v)  # beta times the pre-activation
+    >>> bool((z(x) <= 5.0).all() and (z(y) > 5.0).all()), float((x - y).abs().max()) < 1e-12
+    (True, True)
+    """
+    shape = (input_shape,) if isinstance(input_shape, int) else tuple(input_shape)
+    n = math.prod(shape)
+    registry = registry if registry is not None else DEFAULT_REGISTRY
+    sites = switch_sites(model, registry)
+    empty = torch.zeros(0, *shape, dtype=dtype)
+    if not sites:
+        return empty, empty.clone()
+    gm = trace(copy.deepcopy(model).to(dtype).eval(), registry)
+    nodes = {nd.name: nd for nd in gm.graph.nodes}
+    names = list(dict.fromkeys(name for name, _ in sites))
+    out = next(nd for nd in gm.graph.nodes if nd.op == "output")
+    out.args = (tuple(nodes[name].all_input_nodes[0] for name in names),)
+    gm.recompile()
+    gen = torch.Generator().manual_seed(seed)
+
+    def pre(x: Tensor) -> list[Tensor]:
+        with torch.no_grad():
+            return [v.reshape(len(x), -1) for v in gm(x.reshape(len(x), *shape))]
+
+    width = [v.shape[1] for v in pre(torch.zeros(1, n, dtype=dtype))]
+    pick = torch.randint(len(sites), (samples,), generator=gen).tolist()
+    site = [names.index(sites[i][0]) for i in pick]
+    level = torch.tensor([sites[i][1] for i in pick], dtype=dtype)
+    unit = [int(torch.randint(width[k], (1,), generator=gen)) for k in site]
+    x0 = torch.randn(samples, n, generator=gen, dtype=dtype)
+    x0 = x0 * (scale * torch.rand(samples, 1, generator=gen, dtype=dtype) / x0.norm(dim=1,
+                                                                                      keepdim=True))
+    d = torch.randn(samples, n, generator=gen, dtype=dtype)
+    d = d / d.norm(dim=1, keepdim=True)
+
+    def g(t: Tensor) -> Tensor:  # the chosen pre-activation minus its switch value, along lines
+        vals = pre(x0 + t[:, None] * d)
+        return torch.stack([vals[k][b, j] for b, (k, j) in enumerate(zip(site, unit))]) - level
+
+    lo = torch.full((samples,), math.nan, dtype=dtype)
+    hi = torch.full((samples,), math.nan, dtype=dtype)
+    grid = torch.linspace(-1.0, 1.0, 129, dtype=dtype)
+    span = scale
+    while span <= reach * scale and bool(torch.isnan(lo).any()):
+        for a, b in zip(grid[:-1], grid[1:]):
+            ta, tb = torch.full((samples,), float(a) * span, dtype=dtype), torch.full(
+                (samples,), float(b) * span, dtype=dtype)
+            ga, gb = g(ta), g(tb)
+            up = torch.isnan(lo) & (ga <= 0) & (gb > 0)
+            down = torch.isnan(lo) & (ga > 0) & (gb <= 0)
+            lo = torch.where(up, ta, torch.where(down, tb, lo))
+            hi = torch.where(up, tb, torch.where(down, ta, hi))
+        span *= 8
+    keep = ~torch.isnan(lo)
+    lo, hi = lo.where(keep, 0.0), hi.where(keep, 0.0)
+    for _ in range(200):  # bisection: g(lo) ≤ 0 < g(hi) throughout
+        mid = (lo + hi) / 2
+        done = (mid == lo) | (mid == hi)
+        if bool(done.all()):
+            break
+        below = g(mid) <= 0
+        lo = torch.where(done, lo, torch.where(below, mid, lo))
+        hi = torch.where(done, hi, torch.where(below, hi, mid))
+    x, y = x0 + lo[:, None] * d, x0 + hi[:, None] * d
+    with torch.no_grad():
+        ok = keep & (g(lo) <= 0) & (g(hi) > 0)
+    return x[ok].reshape(-1, *shape), y[ok].reshape(-1, *shape)
+
+
+def neg_curvature_lower_bound(g: Callable[[Tensor], Tensor] | nn.Module, input_shape: Shape, *,
+                              samples: int | None = None, steps: int | None = None,
+                              lr: float = 0.2, scale: float = 1.0, radius: float | None = None,
+                              center: Tensor | None = None, exact_dim: int = 32,
+                              power_steps: int = 4, polish_steps: int = 30,
+                              budget: float = _BUDGET, time_limit: float | None = None,
+                              dtype: torch.dtype = torch.float64, seed: int = 0) -> float:
+    """An attained lower bound on sup_x −λ_min(∇²g(x)) for a scalar g: the smallest K with
+    ∇²g ⪰ −K·I everywhere is at least this (an estimate from below, never certified).
+
+    Gradient ascent over points on −vᵀ∇²g(x)v, v the eigenvector of the smallest eigenvalue
+    (exact when n ≤ ``exact_dim``, else power iteration on a shifted Hessian); every value is a
+    Rayleigh quotient at a concrete point, so it is ≤ −λ_min there. Knobs as for
+    :func:`hessian_lower_bound`. The result may be negative (g strongly convex).
+
+    >>> round(neg_curvature_lower_bound(lambda x: x[:, 0] ** 2 - 3 * x[:, 1] ** 2, (2,)), 6)
+    6.0
+    """
+    prob, dom, gen, deadline = _setup(g, input_shape, None, center, scale, radius, dtype, seed,
+                                      time_limit)
+    if prob.m != 1:
+        raise ValueError(f"neg_curvature_lower_bound needs a scalar function, got {prob.m} "
+                         "outputs; wrap a classifier in Margin(model, i, j)")
+    exact = prob.n <= exact_dim
+    evals = 15.0 * prob.n + 30.0 if exact else 15.0 * power_steps + 30.0
+    n_points, n_steps = _plan(samples, steps, evals, prob, budget)
+    x, d = _start(dom, gen, n_points, False, dtype)
+    objective = _PointNegEigen(prob, _random_unit(gen, n_points, prob.n, dtype), exact,
+                               power_steps)
+    return _ascend(objective, dom, x, d, steps=n_steps, lr=lr, move_x=True, move_d=False,
+                   polish_steps=polish_steps, deadline=deadline)

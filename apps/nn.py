@@ -56,6 +56,7 @@ from ..runtime.certified import certify, dense_norm
 from ..runtime.norms import Quantity
 from ..runtime.operators import Conv, Dense, FunctionOperator, precise
 from ..runtime.products import HADAMARD_HIDDEN_LIMIT, HadamardNorm
+from ..runtime.smoothness import smooth_softplus
 
 __all__ = [
     "CenteredSoftplus",
@@ -87,6 +88,10 @@ def _gamma(n: int) -> float:
 class CenteredSoftplus(tnn.Module):
     """softplus_β(x) − log(2)/β: a softplus through the origin (σ(0) = 0), as in the paper.
 
+    Unlike ``nn.Softplus`` it has no threshold: it computes the smooth softplus on the whole line
+    (:func:`~curvbound.runtime.smoothness.smooth_softplus`), so its bounds carry no switching
+    error (``Bounds.error`` stays 0).
+
     Example:
         >>> import torch
         >>> CenteredSoftplus(beta=2.0)(torch.zeros(3))
@@ -98,7 +103,7 @@ class CenteredSoftplus(tnn.Module):
         self.beta = float(beta)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.softplus(x, beta=self.beta) - math.log(2.0) / self.beta
+        return smooth_softplus(x, self.beta) - math.log(2.0) / self.beta
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}"
@@ -119,7 +124,7 @@ class LeakySoftplus(tnn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         a = self.negative_slope
-        return a * x + (1.0 - a) * F.softplus(x, beta=self.beta)
+        return a * x + (1.0 - a) * smooth_softplus(x, self.beta)  # no threshold: smooth
 
     def extra_repr(self) -> str:
         return f"negative_slope={self.negative_slope}, beta={self.beta}"
@@ -143,7 +148,7 @@ class SmoothClamp(tnn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         lo, hi, b = self.min_val, self.max_val, self.beta
-        return lo + F.softplus(x - lo, beta=b) - F.softplus(x - hi, beta=b)
+        return lo + smooth_softplus(x - lo, b) - smooth_softplus(x - hi, b)  # no threshold
 
     def extra_repr(self) -> str:
         return f"min_val={self.min_val}, max_val={self.max_val}, beta={self.beta}"
@@ -167,6 +172,14 @@ def _activation(activation: str | tnn.Module, beta: float) -> tnn.Module:
             f"activation must be one of {sorted(make)} (or such a module), got {activation!r}"
         )
     return make[activation]()
+
+
+def _activate(act: tnn.Module, u: Tensor) -> Tensor:
+    """σ(u) for an SLL layer: ``nn.Softplus`` as the smooth softplus (without torch's threshold,
+    whose jump the layer's rule does not cover), any other activation as itself."""
+    if isinstance(act, tnn.Softplus):
+        return smooth_softplus(u, float(act.beta))
+    return act(u)
 
 
 def _smoothness(act: tnn.Module) -> S.Smoothness:
@@ -268,7 +281,7 @@ class SLLLinear(_SLL):
         return (self.weight @ self.weight.T).abs()
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.activation(F.linear(x, self.weight, self.bias))
+        y = _activate(self.activation, F.linear(x, self.weight, self.bias))
         return x - F.linear(y * self.scale(), self.weight.T)
 
     def extra_repr(self) -> str:
@@ -332,7 +345,7 @@ class SLLConv2d(_SLL):
         return self.correlation().abs().sum(dim=(2, 3))
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.activation(F.conv2d(x, self.weight, self.bias, padding=self.padding))
+        y = _activate(self.activation, F.conv2d(x, self.weight, self.bias, padding=self.padding))
         y = y * self.scale().reshape(1, -1, 1, 1)
         return x - F.conv_transpose2d(y, self.weight, padding=self.padding)
 

@@ -3,8 +3,10 @@
 Each case is a random smooth architecture from ``tests/fuzz_models.py`` (the generator the test
 suite uses), compiled with both methods and both norm modes. A *violation* is a certified bound
 below a float64 gradient-ascent lower bound, an estimate above the certified bound, or a certified
-compile not flagged certified. The script prints the count, the violations (must be 0) and the
-distribution of bound/lower-bound ratios for L and M.
+compile not flagged certified; with torch's switching softplus (small thresholds are among the
+activations), also a pair straddling a switch where ‖f(x) − f(y)‖ > L‖x − y‖ + 2·error or
+‖f − smooth twin‖ > error (``check_case``). The script prints the count, the violations (must
+be 0) and the distribution of bound/lower-bound ratios for L and M.
 
 Run from the repository root:
 
@@ -59,6 +61,8 @@ def run_case(args: tuple) -> dict:
         "violations": r.violations,
         "arch": case.describe() if r.violations else "",
         "seconds": time.perf_counter() - start,
+        "straddling": r.straddling,
+        "switch_error": max(r.errors.values(), default=0.0),
         "kinds": sorted({s.kind if s.kind != "module" else type(s.modules[0]).__name__
                          for s in case.steps}),
     }
@@ -116,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             kinds[k] = kinds.get(k, 0) + 1
     print("cases containing each step kind: "
           + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
+    switching = [r for r in done if r["switch_error"] > 0]
+    print(f"cases with torch's switching softplus (Bounds.error > 0): {len(switching)}, "
+          f"pairs straddling a switch checked: {sum(r['straddling'] for r in switching)}, "
+          f"largest error: {max((r['switch_error'] for r in switching), default=0.0):.3g}")
     for r in bad + errors:
         print(f"\n--- case {r['i']}: {r.get('violations') or r.get('error')}\n{r['arch']}")
 

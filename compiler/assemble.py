@@ -18,7 +18,13 @@ import sympy
 from torch import fx, nn
 
 from .context import Refiner, RuleContext, Transfer, curvature_symbol, lipschitz_symbol
-from .errors import InputError, MissingRule, RuleError, UnsupportedOperationError
+from .errors import (
+    DiscontinuityError,
+    InputError,
+    MissingRule,
+    RuleError,
+    UnsupportedOperationError,
+)
 from .naming import node_label
 from .registry import Registry, rule_name, rules_for, target_name
 
@@ -59,6 +65,10 @@ class NodeBound:
     inputs: tuple[str, ...]
     refs: tuple[str, ...] = ()
     note: str = ""
+    #: bound of sup_x ‖ṽ(x) − v(x)‖ (torch's value minus the smooth map's) as an expression of
+    #: the inputs' ``E_<name>`` symbols and quantities: 0 unless a switching activation is
+    #: upstream (:func:`error_expressions`)
+    error: sympy.Expr = sympy.Integer(0)
 
 
 def _is_shape_query(node: fx.Node) -> bool:
@@ -251,6 +261,8 @@ def propagate(
             except Decline as d:
                 reasons.append(f"{rule_name(fn)}: {d}")
                 result = None
+            except DiscontinuityError:
+                raise  # names the node and the fix already (torch's softplus threshold)
             except Exception as exc:
                 raise RuleError(
                     f"rule {rule_name(fn)} failed on {node_label(node)} (fx node '{node.name}', "
@@ -351,6 +363,55 @@ def _own_nonsmooth(result: Transfer, ctx: RuleContext) -> bool:
     return not any(ctx.M(i) == sympy.oo for i in ctx.tensor_inputs())
 
 
+def error_symbol(name: str) -> sympy.Symbol:
+    return sympy.Symbol(f"E_{name}", nonnegative=True)
+
+
+def error_expressions(
+    gm: fx.GraphModule, transfers: dict[fx.Node, Transfer], constants: set[fx.Node]
+) -> dict[fx.Node, sympy.Expr]:
+    """Each node's implementation error: a bound of sup_x ‖ṽ(x) − v(x)‖.
+
+    Here ṽ is the node's value in the model torch runs and v its value in the *smooth twin*,
+    the same graph with every switching activation replaced by its smooth function (softplus
+    without its threshold), whose constants the Lipschitz and curvature bounds are. With the
+    node's own error e (``Transfer.error``) and its ``gains`` g_k:
+    ‖ṽ − v‖ ≤ ‖h̃(ũ) − h(ũ)‖ + ‖h(ũ) − h(u)‖ ≤ e + Σ_k g_k‖ũ_k − u_k‖, so
+    E_v = e + Σ_k g_k·E_{u_k}. A node whose gains are unknown gets ∞ when an input's error is
+    not 0 (a bound without it would be wrong). Nodes with no error upstream get 0.
+    """
+    zero = sympy.Integer(0)
+    errors: dict[fx.Node, sympy.Expr] = {}
+    for node in gm.graph.nodes:
+        t = transfers.get(node)
+        if t is None or node in constants or node.op == "placeholder":
+            if t is not None:
+                errors[node] = zero
+            continue
+        own = sympy.sympify(t.error)
+        upstream = [i for i in node.all_input_nodes if errors.get(i, zero) != 0]
+        if not upstream:
+            errors[node] = own
+            continue
+        gains = t.gains
+        if gains is not None and t.source is not None and t.source in gains:
+            # an affine node v = A·source + b, possibly a merged chain reading a node further
+            # up: the nodes in between are affine (no error of their own), so E_source is all
+            # that enters
+            reads = [t.source]
+        else:
+            reads = upstream
+        if gains is None or any(i not in gains for i in reads):
+            errors[node] = sympy.oo
+            continue
+        total = own
+        for u in reads:
+            if errors.get(u, zero) != 0:
+                total = total + gains[u] * error_symbol(u.name)
+        errors[node] = total
+    return errors
+
+
 def node_bounds(
     gm: fx.GraphModule,
     transfers: dict[fx.Node, Transfer],
@@ -359,6 +420,7 @@ def node_bounds(
 ) -> None:
     """Write one frozen :class:`NodeBound` per node under ``node.meta[BOUND_KEY]``."""
     names = {n.name for n in gm.graph.nodes}
+    errors = error_expressions(gm, transfers, constants)
     for node in gm.graph.nodes:
         t = transfers.get(node)
         if t is None:
@@ -381,6 +443,7 @@ def node_bounds(
             inputs=tuple(i.name for i in node.all_input_nodes if i not in constants),
             refs=tuple(refs),
             note=t.note,
+            error=errors.get(node, sympy.Integer(0)),
         )
 
 

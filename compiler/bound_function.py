@@ -7,6 +7,7 @@ import math
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import networkx as nx
@@ -14,7 +15,8 @@ import sympy
 import torch
 from torch import Tensor, fx, nn
 
-from ..runtime.norms import Norm, Quantity
+from ..runtime.converge import converge
+from ..runtime.norms import Norm, Quantity, shared_evaluation
 from . import report
 from .errors import (
     InputError,
@@ -26,7 +28,14 @@ from .errors import (
 from .margins import margins
 from .naming import node_label
 
-__all__ = ["Bounds", "BoundFunction", "CompileSpec", "ModelStructure", "check_finite_samples"]
+__all__ = [
+    "Bounds",
+    "BoundFunction",
+    "CompileSpec",
+    "ModelStructure",
+    "check_finite_samples",
+    "substitute_twins",
+]
 
 
 @dataclass(frozen=True)
@@ -135,6 +144,29 @@ class ModelStructure:
         return out[:limit]
 
 
+def substitute_twins(g: fx.GraphModule, twins: dict[str, Callable]) -> dict[str, fx.Node]:
+    """Replace, in place, each node named in ``twins`` by a call of its smooth twin on the node's
+    input (the smooth map the bounds are for, e.g. softplus without its threshold); returns the
+    graph's nodes by their *original* names (a replaced node's name maps to its replacement)."""
+    nodes = {n.name: n for n in g.graph.nodes}
+    for name, twin in twins.items():
+        node = nodes[name]
+        fn, kwargs = (twin.func, dict(twin.keywords)) if isinstance(twin, partial) else (twin, {})
+        with g.graph.inserting_after(node):
+            new = g.graph.call_function(fn, (node.all_input_nodes[0],), kwargs)
+        node.replace_all_uses_with(new)
+        g.graph.erase_node(node)
+        nodes[name] = new
+    if twins:
+        g.graph.lint()
+        g.recompile()
+    return nodes
+
+
+def _zero() -> Tensor:
+    return torch.zeros((), dtype=torch.float64)
+
+
 @dataclass
 class Bounds:
     """Bounds for the map input → output (ℓ2 norms).
@@ -142,22 +174,41 @@ class Bounds:
     ``lipschitz`` and ``curvature`` are 0-dim tensors (``inf`` curvature for non-C¹ models);
     ``certified`` is True exactly when every number that entered them is a guaranteed bound;
     ``nodes`` maps each node name to its (L, M) pair.
+
+    ``error`` (0-dim, float64) is 0 unless the model uses an activation whose torch
+    implementation switches formulas (``nn.Softplus``/``F.softplus``, which return x itself once
+    βx > threshold). Then torch's map f is discontinuous and has no finite Lipschitz constant;
+    ``lipschitz`` and ``curvature`` are the constants of its smooth twin F (every softplus
+    without its threshold), and ``error`` bounds sup_x ‖f(x) − F(x)‖. Consequences for f itself:
+    ‖f(x) − f(y)‖ ≤ lipschitz·‖x − y‖ + 2·error, and the certificates subtract √2·error from
+    every logit gap (docs/certified_norms.md, "Activations that switch formulas").
+
+    Example:
+        >>> import torch, curvbound
+        >>> net = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.Softplus(beta=2, threshold=5))
+        >>> with torch.no_grad():
+        ...     _ = net[0].weight.fill_(1.0), net[0].bias.fill_(0.0)
+        >>> curvbound.compile(net, torch.zeros(1, 1), norms="certified")()
+        Bounds(lipschitz=1, curvature=0.5, error=0.00335767, certified)
     """
 
     lipschitz: Tensor
     curvature: Tensor
     certified: bool
     nodes: dict[str, tuple[Tensor, Tensor]] = field(repr=False, default_factory=dict)
+    error: Tensor = field(default_factory=_zero)
 
     def __iter__(self):
         return iter((self.lipschitz, self.curvature))
 
     def __repr__(self) -> str:
         kind = "certified" if self.certified else "estimated"
+        err = float(self.error.detach())
+        extra = f"error={err:.6g}, " if err != 0 else ""
         return (
             f"Bounds(lipschitz={float(self.lipschitz.detach()):.6g}, "
             f"curvature={float(self.curvature.detach()):.6g}, "
-            f"{kind})"
+            f"{extra}{kind})"
         )
 
 
@@ -206,6 +257,14 @@ class BoundFunction(nn.Module):
         self._rounding: dict[str, tuple[float, float]] = {}
         # set by compile: how to fold a margin e_i − e_j into the output node (runtime/margins.py)
         self._margin_fold = None
+        # set by compile when an activation's torch implementation switches formulas: the
+        # generated error function (compiler/codegen.generate_errors), its rounding factors,
+        # and the smooth replacement of each switching node (its "twin", see smooth_twin)
+        self._error_fn: Callable | None = None
+        self.error_code: str = ""
+        self._error_factors: dict[str, float] = {}
+        self._twins: dict[str, Callable] = {}
+        self.last_convergence = None  # set by refresh() without steps (runtime/converge.py)
 
     @property
     def model(self) -> nn.Module:
@@ -372,7 +431,8 @@ class BoundFunction(nn.Module):
             if refresh:
                 self.refresh(refresh)
             q = {k: v for k, v in self.quantities.items()}
-            L, M, nodes = self._fn(q)
+            with shared_evaluation():  # every quantity evaluated once per call (runtime/norms)
+                L, M, nodes = self._fn(q)
         except (ValueError, RuntimeError) as exc:  # e.g. a certified SVD of a NaN matrix
             self._check_params(exc)
             raise
@@ -385,14 +445,41 @@ class BoundFunction(nn.Module):
             L, M = nodes[self.output]
         L, M = _tensor(L), _tensor(M)
         nodes = {k: (_tensor(a), _tensor(b)) for k, (a, b) in nodes.items()}
-        out = Bounds(L, M, self.certified, nodes)
+        error = self._errors(q).get(self.output, _zero())
+        out = Bounds(L, M, self.certified, nodes, error)
         self._last = Bounds(
             L.detach(),
             M.detach(),
             out.certified,
             {k: (a.detach(), b.detach()) for k, (a, b) in nodes.items()},
+            error.detach(),
         )
         return out
+
+    def _errors(self, q) -> dict[str, Tensor]:
+        """Each node's implementation error (see :class:`Bounds`), rounded up when certified."""
+        if self._error_fn is None:
+            return {}
+        raw = self._error_fn(q)
+        f = self._error_factors if self.norms == "certified" else {}
+        return {k: _tensor(v) * f.get(k, 1.0) for k, v in raw.items()}
+
+    def smooth_twin(self, dtype: torch.dtype | None = None) -> fx.GraphModule:
+        """A copy of the traced model with every switching activation replaced by its smooth
+        function (``nn.Softplus``/``F.softplus`` → softplus without its threshold): the map whose
+        constants ``bf()`` reports. It is the model itself (a copy) when ``bf().error`` is 0.
+
+        Example:
+            >>> import torch, curvbound
+            >>> net = torch.nn.Sequential(torch.nn.Softplus(threshold=5))
+            >>> twin = curvbound.compile(net, torch.zeros(1, 1)).smooth_twin()
+            >>> x = torch.tensor([[5.5]])
+            >>> float(net(x)), round(float(twin(x)), 6)  # torch returns x above the threshold
+            (5.5, 5.504078)
+        """
+        g = copy.deepcopy(self.gm)
+        substitute_twins(g, self._twins)
+        return g if dtype is None else g.to(dtype)
 
     @property
     def certified(self) -> bool:
@@ -421,29 +508,40 @@ class BoundFunction(nn.Module):
         return self._node_certified.get(name, False)
 
     @torch.no_grad()
-    def refresh(self, steps: int | None = None, *, tol: float = 1e-6, max_steps: int = 2000) -> int:
+    def refresh(
+        self,
+        steps: int | None = None,
+        *,
+        tol: float = 1e-6,
+        max_steps: int = 2000,
+        progress: bool | None = None,
+    ) -> int:
         """Advance the warm-started power iterations.
 
-        ``steps=k`` runs exactly k steps; ``steps=None`` iterates until every estimate changes by
-        less than ``tol`` (relative) over 10 steps, at most ``max_steps``. Returns the steps run.
+        ``steps=k`` runs exactly k steps of every estimate. ``steps=None`` converges them
+        (:func:`~curvbound.runtime.converge.converge`): batched restarted Lanczos cycles until
+        the output's L and M change by at most ``tol`` (relative) over a cycle, at most
+        ``max_steps`` steps (a warning says so when that is reached first); a progress bar
+        (tqdm) appears after a second or two, or always with ``progress=True``. The estimates
+        stay from below. Returns the steps run; ``self.last_convergence`` holds the report.
         """
         norms = [q for q in self.quantities.values() if isinstance(q, Norm) and not q.certified]
         if steps is not None:
             for q in norms:
                 q.step(steps)
             return steps
-        done = 0
-        active = list(norms)
-        while active and done < max_steps:
-            before = [float(q()) for q in active]
-            for q in active:
-                q.step(10)
-            after = [float(q()) for q in active]
-            done += 10
-            active = [
-                q for q, a, b in zip(active, before, after) if abs(b - a) > tol * max(abs(b), 1e-30)
-            ]
-        return done
+
+        # quantities without iteration state (e.g. the eigenvalue of a block norm) once
+        static = {id(q): q() for q in self.modules() if isinstance(q, Quantity) and q.static}
+
+        def bound() -> tuple[float, float]:
+            with shared_evaluation(static):
+                out = self.forward()
+            return float(out.lipschitz), float(out.curvature)
+
+        report = converge(norms, bound, tol=tol, max_steps=max_steps, progress=progress)
+        self.last_convergence = report
+        return report.steps
 
     # -- views ----------------------------------------------------------------------------------
     def _latest(self) -> Bounds:

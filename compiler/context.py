@@ -33,12 +33,25 @@ __all__ = [
 METHODS = ("naive", "compositional", "paper", "crt")
 
 
+#: Nonnegative symbols by name: sympy's own symbol cache is a bounded LRU, and past a few
+#: thousand names (deep networks) every creation missed it and re-derived the assumptions.
+_SYMBOLS: dict[str, sympy.Symbol] = {}
+
+
+def nonnegative_symbol(name: str) -> sympy.Symbol:
+    """``sympy.Symbol(name, nonnegative=True)`` (the same object: equal, hashed alike), memoised."""
+    sym = _SYMBOLS.get(name)
+    if sym is None:
+        sym = _SYMBOLS[name] = sympy.Symbol(name, nonnegative=True)
+    return sym
+
+
 def lipschitz_symbol(name: str) -> sympy.Symbol:
-    return sympy.Symbol(f"L_{name}", nonnegative=True)
+    return nonnegative_symbol(f"L_{name}")
 
 
 def curvature_symbol(name: str) -> sympy.Symbol:
-    return sympy.Symbol(f"M_{name}", nonnegative=True)
+    return nonnegative_symbol(f"M_{name}")
 
 
 @dataclass(frozen=True)
@@ -63,12 +76,27 @@ class Transfer:
     elementwise: Elementwise | None = None
     #: set on affine nodes: how to fold a margin vector c into the node (runtime/margins.py)
     margin: Any = None
+    #: Lipschitz factors of the node's value in the values of the nodes it reads:
+    #: ‖v(u) − v(u')‖ ≤ Σ_k gains[u_k]·‖u_k − u_k'‖ (for an affine node, the key is its
+    #: ``source`` and the factor ‖A‖). The compiler carries implementation errors (``error``)
+    #: through them; None: unknown (an error upstream then makes the node's error ∞).
+    gains: Mapping[fx.Node, sympy.Expr] | None = None
+    #: the node's own implementation error in ℓ2: a bound of sup ‖ṽ − v‖ over the values of its
+    #: inputs, where ṽ is what torch computes and v the smooth map that ``lipschitz`` and
+    #: ``curvature`` bound (softplus's threshold switch); 0 for nodes computing v itself
+    error: sympy.Expr = sympy.Integer(0)
+    #: the smooth map v as a function of the node's single input tensor, when ``error`` > 0: the
+    #: certificates run the model's smooth twin with it (apps/certificates.py)
+    twin: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
 class Elementwise:
     """What an elementwise activation v = σ(input) tells its consumers: sup|σ'| (``slope``),
-    sup|σ''| (``curvature``) and proven bounds ``lo ≤ σ' ≤ hi`` (the slope range LipLT needs)."""
+    sup|σ''| (``curvature``) and proven bounds ``lo ≤ σ' ≤ hi`` (the slope range LipLT needs).
+    ``second``: proven global bounds (a, b) with a ≤ σ'' ≤ b everywhere for a C² activation (the
+    sign structure one-sided margin curvature uses), None when unknown (then (−c, c) with c the
+    global sup|σ''|)."""
 
     input: fx.Node
     slope: sympy.Expr
@@ -76,6 +104,7 @@ class Elementwise:
     lo: sympy.Expr
     hi: sympy.Expr
     name: str = "σ"
+    second: tuple[sympy.Expr, sympy.Expr] | None = None
 
 
 #: A pass that refines the transfer of an affine node: ``refine(ctx, transfer) -> transfer``. The
@@ -247,7 +276,7 @@ class RuleContext:
     # -- building transfers ---------------------------------------------------------------------
     def symbol(self, kind: str) -> sympy.Symbol:
         """A quantity symbol named after this node, e.g. ``norm_fc1``."""
-        return sympy.Symbol(f"{kind}_{self.node.name}", nonnegative=True)
+        return nonnegative_symbol(f"{kind}_{self.node.name}")
 
     def norm(self, op: LinearOperator, kind: str = "norm") -> tuple[sympy.Symbol, Norm]:
         """A spectral-norm quantity of ``op`` in this compile's norm mode, and its symbol."""
@@ -308,16 +337,21 @@ class RuleContext:
                 src, merged = prev.source, True
         chain = Chain.of(ops) if merged else op
         if merged and op.isometric:  # a reshape after an affine chain: same norm, no new quantity
-            return Transfer(prev.lipschitz, prev.curvature, {}, chain, src, note=prev.note)
+            gains = prev.gains if prev.gains is not None else None
+            return Transfer(
+                prev.lipschitz, prev.curvature, {}, chain, src, note=prev.note, gains=gains
+            )
         if norm is not None and not merged:
             n = sympy.sympify(norm)
-            return Transfer(n * self.L(src), n * self.M(src), {}, chain, src)
+            return Transfer(n * self.L(src), n * self.M(src), {}, chain, src, gains={src: n})
         if merged and isinstance(chain, Chain) and not chain.core:
             n = sympy.Integer(1)
-            return Transfer(n * self.L(src), n * self.M(src), {}, chain, src)
+            return Transfer(n * self.L(src), n * self.M(src), {}, chain, src, gains={src: n})
         sym, q = self.norm(chain)
         note = f"merged: {chain.describe()}" if merged else ""
-        t = Transfer(sym * self.L(src), sym * self.M(src), {sym: q}, chain, src, note=note)
+        t = Transfer(
+            sym * self.L(src), sym * self.M(src), {sym: q}, chain, src, note=note, gains={src: sym}
+        )
         # passes that refine an affine transfer (LipLT, block rules: passes/lipschitz_lt.py) run
         # here, in the order the pipeline installed them
         for refine in self.refiners:

@@ -17,9 +17,11 @@ __all__ = [
     "RuleError",
     "NonSmoothError",
     "MethodCoverageError",
+    "DiscontinuityError",
     "StaleBoundError",
     "RegistrationError",
     "SerializationError",
+    "ResourceError",
 ]
 
 
@@ -90,6 +92,17 @@ class NonSmoothError(CurvboundError):
 
 class MethodCoverageError(CurvboundError):
     """The requested method ("paper", "crt") does not cover this graph; the node is named."""
+
+
+class DiscontinuityError(CurvboundError):
+    """An activation's torch implementation switches formulas so far from the smooth function
+    that no meaningful bound exists (e.g. ``nn.Softplus(threshold=1)`` jumps by 0.31 and its slope
+    by 0.27 at βx = 1); the node and the fix are named."""
+
+
+class ResourceError(CurvboundError):
+    """The compile would need more memory than is available; raised before the work starts,
+    naming the layer, the estimate and what to do."""
 
 
 class StaleBoundError(CurvboundError):

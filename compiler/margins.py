@@ -17,11 +17,12 @@ import sympy
 import torch
 from torch import Tensor
 
+from ..runtime import margins as pair_module
 from ..runtime.margins import _U, MarginFold, _Context, pair_index
 from .codegen import print_expr
 from .rounding import rounding_exponent, rounding_factor
 
-__all__ = ["Margins", "margins", "evaluate_expression", "reset_pair_vectors"]
+__all__ = ["Margins", "margins", "evaluate_expression", "reset_pair_vectors", "pair_values"]
 
 
 @dataclass
@@ -29,9 +30,34 @@ class Margins:
     """Bounds on every logit difference f_i − f_j of a K-class model (ℓ2 norms).
 
     ``lipschitz[i, j]`` and ``curvature[i, j]`` bound the Lipschitz constant of f_i − f_j and of
-    its gradient (K×K float64 tensors, symmetric, zero diagonal). ``certified`` is True exactly
-    when every number that entered them is a guaranteed bound. ``pairwise`` is False when the
-    fallback √2·(global bound) was used (``note`` says why); ``method`` is the compile method.
+    its gradient (K×K float64 tensors, symmetric, zero diagonal). ``neg_curvature[i, j]`` is a
+    one-sided bound: K with ∇²(f_i − f_j) ⪰ −K·I, i.e. (∇φ(x) − ∇φ(x'))ᵀ(x − x') ≥ −K‖x − x'‖²
+    for φ = f_i − f_j (not symmetric; ``pos_curvature = neg_curvature.T`` bounds the Hessian from
+    above); always ≤ ``curvature`` (a two-sided bound is a one-sided one). ``certified`` is True
+    exactly when every number that entered them is a guaranteed bound. ``pairwise`` is False
+    when the fallback √2·(global bound) was used (``note`` says why); ``method`` is the compile
+    method.
+
+    **One-sided bounds** (the final block of a scalar margin; theory §5). Let the output be
+    f = G·σ(u) + g₀ with u = W z + b, z = z(x) the rest of the network, σ a C² activation with
+    proven a ≤ σ'' ≤ b, h = max(−a, b), and c = e_i − e_j, c̃ = Gᵀc, φ = cᵀf. By the chain rule
+
+        ∇²φ = Dzᵀ Wᵀ diag(c̃ ⊙ σ''(u)) W Dz  +  Σ_k v_k ∇²z_k,   v = Wᵀ diag(σ'(u)) c̃.   (T₁ + T₂)
+
+    T₁: entrywise c̃ⱼσ''(uⱼ) ≥ −(c̃ⱼ⁺(−a) + c̃ⱼ⁻b) =: −dⱼ (c̃ⱼ ≥ 0 meets σ'' ≥ a, c̃ⱼ < 0 meets
+    σ'' ≤ b), so T₁ ⪰ −Dzᵀ Wᵀ diag(d) W Dz ⪰ −‖diag(√d) W‖²·L_z²·I, as ‖W Dz v‖... precisely
+    vᵀDzᵀWᵀdiag(d)WDz v = ‖diag(√d) W Dz v‖² ≤ ‖diag(√d)W‖²‖Dz‖²‖v‖² and ‖Dz‖ ≤ L_z. Likewise
+    T₁ ⪯ ‖diag(√d′)W‖²L_z²·I with d′ⱼ = c̃ⱼ⁺b + c̃ⱼ⁻(−a). For softplus (a = 0) only the entries
+    of c̃ of one sign enter. T₂ has no sign structure: σ' > 0 multiplies the curvature of the
+    inner network z, whose Hessians ∇²z_k are indefinite in general, so T₂ is bounded
+    two-sidedly, ‖T₂‖ ≤ ‖v‖·M_z = sup_{‖w‖=1} |vᵀ D²z[w, w]| with ‖v‖ ≤ the block's Lipschitz
+    bound (the chain-rule and loop-transformation terms of the two-sided bound, unchanged).
+    Hence ∇²φ ⪰ −(h·‖diag(√(d/h))W‖²·L_z² + ‖T₂‖-bound)·I: the two-sided expression with the
+    Singla–Feizi argument ‖diag(√|c̃|)W‖² of its ``Min`` joined by ‖diag(√(d/h))W‖²
+    (:class:`PairScaledRows` with ``signs``), each a valid bound, so the minimum is one. For a
+    2-layer network (z = x: L_z = 1, M_z = 0) this is exactly −h·λ_max(Wᵀdiag(c̃⁻)W) for
+    softplus. Where the output rule recorded no one-sided terms (σ'' of both signs, e.g. tanh,
+    other methods, other output nodes) ``neg_curvature`` equals ``curvature``.
     """
 
     lipschitz: Tensor
@@ -40,6 +66,16 @@ class Margins:
     pairwise: bool
     method: str
     note: str = ""
+    neg_curvature: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.neg_curvature is None:
+            self.neg_curvature = self.curvature.clone()
+
+    @property
+    def pos_curvature(self) -> Tensor:
+        """K with ∇²(f_i − f_j) ⪯ K·I at [i, j] (= ``neg_curvature[j, i]``)."""
+        return self.neg_curvature.T
 
     @property
     def classes(self) -> int:
@@ -134,9 +170,16 @@ def _margins(bf, differentiable: bool, pair_steps: int | None = None) -> Margins
     for name, (L, M) in bounds.nodes.items():
         values[f"L_{name}"] = ctx.keep(L)
         values[f"M_{name}"] = ctx.keep(M)
+    one_sided = not (differentiable or pair_steps is not None)  # training: two-sided only
+    only_sides = {a for more in (fold.lower, fold.upper) for args in more.values()
+                  for e in args for a in e.free_symbols}
     try:
-        for sym, pq in fold.fold.items():
-            values[sym.name] = pq.pairs(ctx)
+        if not one_sided:
+            for sym, pq in fold.fold.items():
+                if sym not in only_sides:
+                    values[sym.name] = pq.pairs(ctx)
+        else:
+            values.update(pair_values(bf, fold, ctx))
     except NotImplementedError as exc:
         if not certified:
             raise
@@ -147,8 +190,18 @@ def _margins(bf, differentiable: bool, pair_steps: int | None = None) -> Margins
     )
     lip = evaluate_expression(lip_expr, values, ctx.device).expand(len(ctx.i))
     curv = evaluate_expression(curv_expr, values, ctx.device).expand(len(ctx.i))
-    if certified:  # the float64 arithmetic of the two expressions, bounded as in compiler/rounding
-        for expr, name in ((lip_expr, "lip"), (curv_expr, "curv")):
+    sides = {}
+    for key, more in (("lower", fold.lower), ("upper", fold.upper)):
+        if more and one_sided:
+            sides[key] = out_info.curvature.xreplace({
+                m: sympy.Min(*m.args, *fold.extra.get(m, ()), *more.get(m, ()), evaluate=False)
+                for m in {*fold.extra, *more}
+            })
+    side_vals = {key: evaluate_expression(e, values, ctx.device).expand(len(ctx.i))
+                 for key, e in sides.items()}
+    if certified:  # the float64 arithmetic of the expressions, bounded as in compiler/rounding
+        todo = [(lip_expr, "lip"), (curv_expr, "curv"), *[(e, k) for k, e in sides.items()]]
+        for expr, name in todo:
             e = rounding_exponent(expr, {})
             if e is None:
                 certified = False
@@ -156,10 +209,44 @@ def _margins(bf, differentiable: bool, pair_steps: int | None = None) -> Margins
             f = rounding_factor(e)
             if name == "lip":
                 lip = lip * f
-            else:
+            elif name == "curv":
                 curv = curv * f
+            else:
+                side_vals[name] = side_vals[name] * f
     note = fold.note or f"c = e_i − e_j folded into '{bf.output}'"
-    return Margins(_square(lip, k), _square(curv, k), certified, True, bf.method, note)
+    square = _square(curv, k)
+    neg = square.clone()
+    i, j = ctx.i, ctx.j
+    if "lower" in side_vals:  # ∇²(f_i − f_j) ⪰ −K·I for i < j
+        neg[i, j] = torch.minimum(neg[i, j], side_vals["lower"])
+    if "upper" in side_vals:  # ∇²(f_i − f_j) ⪯ K·I, i.e. ∇²(f_j − f_i) ⪰ −K·I
+        neg[j, i] = torch.minimum(neg[j, i], side_vals["upper"])
+    return Margins(_square(lip, k), square, certified, True, bf.method, note, neg)
+
+
+def _weights_key(bf, certified: bool) -> tuple:
+    # the eigenvalue budget is read at call time (tests patch it)
+    return (certified, pair_module.PAIR_EIG_BUDGET,
+            *((id(p), p._version) for p in bf.model.parameters()))
+
+
+def pair_values(bf, fold: MarginFold, ctx: _Context, names=None) -> dict[str, Tensor]:
+    """The per-pair quantities of ``fold`` (only ``names`` when given), cached on ``bf`` until a
+    parameter of the model changes (the eigenvalue problems of wide output blocks take seconds).
+    Not for differentiable or tracked (``pair_steps``) calls."""
+    key = _weights_key(bf, ctx.certified)
+    cache = getattr(bf, "_pair_cache", None)
+    if cache is None or cache[0] != key:
+        cache = (key, {})
+        bf._pair_cache = cache
+    out = {}
+    for sym, pq in fold.fold.items():
+        if names is not None and sym.name not in names:
+            continue
+        if sym.name not in cache[1]:
+            cache[1][sym.name] = pq.pairs(ctx)
+        out[sym.name] = cache[1][sym.name]
+    return out
 
 
 def _classes(bf) -> int:

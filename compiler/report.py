@@ -165,8 +165,10 @@ def summary(bf) -> str:
     """The last line of the table: the output's bounds, the method and whether it is certified."""
     last = bf._latest()
     kind = "certified" if bf.certified else "estimated (power iteration)"
+    err = float(getattr(last, "error", 0.0))
+    extra = f", error = {err:.6g}" if err != 0 else ""  # torch's switching softplus (Bounds)
     return (f"output {bf.output}: L = {float(last.lipschitz):.6g}, "
-            f"M = {float(last.curvature):.6g} [{bf.method}, {kind}]")
+            f"M = {float(last.curvature):.6g}{extra} [{bf.method}, {kind}]")
 
 
 def table(bf, sort: str = "graph", footer: bool = True) -> str:
@@ -178,7 +180,16 @@ def table(bf, sort: str = "graph", footer: bool = True) -> str:
     lines.append(summary(bf))
     if footer:
         lines.append(FOOTER)
+        if float(getattr(bf._latest(), "error", 0.0)) != 0:
+            lines.append(ERROR_FOOTER)
     return "\n".join(lines)
+
+
+ERROR_FOOTER = (
+    "error: torch's softplus returns x once beta*x > threshold, so the model jumps there; L and M\n"
+    "   are the constants of the smooth twin (bf.smooth_twin()) and torch's output is within\n"
+    "   error of the twin's (docs/certified_norms.md)."
+)
 
 
 def table_html(bf, sort: str = "graph") -> str:

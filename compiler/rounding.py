@@ -41,7 +41,13 @@ import sympy
 from ..runtime.certified import UNIT_ROUNDOFF, rounding_factor
 from ..runtime.norms import Quantity
 
-__all__ = ["UNIT_ROUNDOFF", "rounding_exponent", "rounding_factor", "certify_nodes"]
+__all__ = [
+    "UNIT_ROUNDOFF",
+    "rounding_exponent",
+    "rounding_factor",
+    "certify_nodes",
+    "error_factors",
+]
 
 def rounding_exponent(expr: sympy.Expr, inputs: Mapping[sympy.Symbol, float]) -> float | None:
     """Exponent E with computed ≥ exact·(1 − u)^E for the float64 evaluation of ``expr``.
@@ -127,3 +133,23 @@ def certify_nodes(
                 if info:
                     why[nb.name] = "certified with a looser bound: " + "; ".join(info)
     return cert, factors, why
+
+
+def error_factors(infos: Iterable) -> tuple[dict[str, float], list[str]]:
+    """Rounding factors of the implementation errors (``NodeBound.error``), as for the bounds:
+    per node with a nonzero error, a factor ≥ (1 − u)^−(E+1); and the nodes whose error
+    expression is not monotone (their error is then not certified)."""
+    exps: dict[sympy.Symbol, float] = {}
+    factors: dict[str, float] = {}
+    bad: list[str] = []
+    for nb in infos:
+        err = getattr(nb, "error", 0)
+        if err == 0:
+            continue
+        e = rounding_exponent(err, exps)
+        if e is None:
+            bad.append(nb.name)
+            e = 0.0
+        exps[sympy.Symbol(f"E_{nb.name}", nonnegative=True)] = e
+        factors[nb.name] = rounding_factor(e)
+    return factors, bad

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..compiler.errors import InputError, ModelStateError
+from ..compiler.errors import InputError, ModelStateError, ResourceError
 
-__all__ = ["check_model_state", "check_example_input"]
+__all__ = ["check_model_state", "check_example_input", "check_resources", "available_memory",
+           "working_memory"]
 
 _STOCHASTIC = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _NORMS = (nn.modules.batchnorm._BatchNorm,)
@@ -114,3 +115,68 @@ def check_example_input(model: nn.Module, example_input: object) -> torch.Tensor
             "matters, e.g. torch.zeros_like(example_input))"
         )
     return example_input
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device`` (CUDA: free device memory; CPU:
+    ``MemAvailable`` of /proc/meminfo), None where unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def working_memory(weight: torch.Tensor, norms: str) -> int:
+    """Bytes the compile allocates at once for one dense weight beyond the weight itself: in
+    estimate mode one scaled copy (the row-scaled norm ‖diag(r)W‖ reads diag(r)·W); certified,
+    float64 copies (the matrix, its row-scaled and absolute values) and the smaller Gram matrix."""
+    n = weight.numel()
+    if norms == "estimate":
+        return n * weight.element_size()
+    small = min(weight.shape[0], weight[0].numel()) if weight.dim() >= 2 else 1
+    return 3 * 8 * n + 8 * small * small
+
+
+def check_resources(model: nn.Module, norms: str, available: int | None = None) -> None:
+    """Raise :class:`ResourceError` before any numeric work when the largest dense layer's
+    :func:`working_memory` exceeds the memory still available (``available`` bytes, default
+    :func:`available_memory` of the layer's device).
+
+    >>> try:
+    ...     check_resources(nn.Linear(1000, 1000), "estimate", available=10**6)
+    ... except ResourceError as e:
+    ...     print(str(e)[:80])
+    compiling layer 'weight' (1000×1000 float32, 4.0 MB) with norms='estimate' needs
+    """
+    worst: tuple[int, str, torch.Tensor] | None = None
+    for name, p in model.named_parameters():
+        if p.dim() < 2 or not p.is_floating_point():
+            continue
+        need = working_memory(p, norms)
+        if worst is None or need > worst[0]:
+            worst = (need, name, p)
+    if worst is None:
+        return
+    need, name, p = worst
+    free = available if available is not None else available_memory(p.device)
+    if free is None or need <= free:
+        return
+    shape = "×".join(str(s) for s in p.shape)
+    raise ResourceError(
+        f"compiling layer '{name.removesuffix('.weight') or name}' ({shape} "
+        f"{str(p.dtype).removeprefix('torch.')}, {_mb(p.numel() * p.element_size())}) with "
+        f"norms={norms!r} needs about {_mb(need)} of working memory at once, but only "
+        f"{_mb(free)} are available on {p.device}. Free memory, run on a larger machine, or "
+        "bound a smaller model."
+    )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"

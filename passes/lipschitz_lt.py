@@ -47,6 +47,7 @@ from torch import fx
 
 from ..compiler.codegen import round_up
 from ..compiler.context import Elementwise, RuleContext, Transfer
+from ..compiler.exprs import LazyMin, smin
 from ..compiler.naming import node_label
 from ..runtime.margins import MarginFold, PairLipLT, PairScaledRows, PairVectorNorm
 from ..runtime.norms import Norm
@@ -91,25 +92,6 @@ class ChainSegment(Segment):
         self.nodes: list[fx.Node] = list(nodes)
         self.acts: list[tuple[sympy.Expr, sympy.Expr, sympy.Expr]] = list(acts)
         self.symbols: dict[tuple[int, int], sympy.Symbol] = {}
-
-
-class LazyMin(sympy.Min):
-    """``sympy.Min`` that does not compare its arguments, also when rebuilt by ``xreplace``:
-    each argument is a valid bound, and sympy's pairwise comparisons of large symbolic bounds are
-    slow without deciding anything. Printed, rounded and differentiated as ``Min``."""
-
-    def __new__(cls, *args, **assumptions):
-        args = tuple(dict.fromkeys(sympy.sympify(a) for a in args))
-        if all(a.is_number for a in args):
-            return sympy.Min(*args)
-        assumptions["evaluate"] = False
-        return super().__new__(cls, *args, **assumptions)
-
-
-def smin(*args: sympy.Expr) -> sympy.Expr:
-    """min of bounds (a :class:`LazyMin`, or the argument itself when there is one)."""
-    unique = list(dict.fromkeys(args))
-    return unique[0] if len(unique) == 1 else LazyMin(*unique)
 
 
 def slope_split(info: Elementwise) -> tuple[sympy.Expr, sympy.Expr]:
@@ -266,7 +248,12 @@ def refine_affine(ctx: RuleContext, t: Transfer) -> Transfer:
         curvature=curvature,
         quantities=quantities,
         note=note,
-        margin=MarginFold(op, fold, extra),
+        margin=MarginFold(
+            op, fold,
+            {m: v for m, v in extra.items() if not isinstance(m, tuple)},
+            lower={m[1]: v for m, v in extra.items() if isinstance(m, tuple) and m[0] == "lower"},
+            upper={m[1]: v for m, v in extra.items() if isinstance(m, tuple) and m[0] == "upper"},
+        ),
     )
 
 
@@ -317,6 +304,12 @@ def _block(ctx, seg, n, act, info, quantities, fold, paper: bool = False):
             sf = ctx.symbol("sfnorm")
             fold[sf] = PairScaledRows(G, W, 0.5)
             extra[own] = (sf * ctx.L(z) ** 2,)
+            sides = _one_sided_weights(info)
+            if sides is not None:
+                for key, (wp, wn) in zip(("lower", "upper"), sides):
+                    s = ctx.symbol(f"sf{key}")
+                    fold[s] = PairScaledRows(G, W, 0.5, signs=(wp, wn))
+                    extra[(key, own)] = (s * ctx.L(z) ** 2,)
     else:
         own = smin(*first)
     # The second term: the chain rule's sup|σ'|·‖G‖·M_u (M_u from u's own block rule: tighter
@@ -328,6 +321,23 @@ def _block(ctx, seg, n, act, info, quantities, fold, paper: bool = False):
     if final or expanded_ops(ctx, u) + expanded_ops(ctx, z) <= BOTH_TERMS_OPS:
         return curv * own + smin(chain, looped), extra
     return curv * own + chain, extra
+
+
+def _one_sided_weights(info: Elementwise) -> tuple[tuple[float, float], ...] | None:
+    """Weights (w₊, w₋) of the one-sided final-block terms (runtime/margins.py, :class:`Margins`)
+    for an activation with proven a ≤ σ'' ≤ b (``info.second``), relative to h = max(−a, b):
+    lower: c̃ⱼσ''ⱼ ≥ −h·(c̃ⱼ⁺·(−a/h) + c̃ⱼ⁻·(b/h)); upper: c̃ⱼσ''ⱼ ≤ h·(c̃ⱼ⁺·(b/h) + c̃ⱼ⁻·(−a/h)).
+    None without a range, or for a symmetric one (the two-sided bound is as good)."""
+    if info.second is None:
+        return None
+    a, b = (sympy.sympify(v) for v in info.second)
+    if not (a.is_number and b.is_number) or a > 0 or b < 0 or a == -b:
+        return None
+    h = sympy.Max(-a, b)
+    if info.curvature.is_number and h > info.curvature:
+        return None  # the expression's sup|σ''| must be at least h
+    wa, wb = (round_up(v) for v in (-a / h, b / h))
+    return (wa, wb), (wb, wa)
 
 
 _SIZE_KEY = "curvbound.expanded_ops"
@@ -345,7 +355,7 @@ def expanded_ops(ctx: RuleContext, n: fx.Node, kind: str = "M") -> int:
     key = (kind, id(t))
     if key not in memo:
         expr = t.curvature if kind == "M" else t.lipschitz
-        nodes = {m.name: m for m in n.graph.nodes}
+        nodes = _nodes_by_name(n.graph)
         size = sympy.count_ops(expr)
         for atom in sympy.preorder_traversal(expr):
             name = getattr(atom, "name", "")
@@ -353,6 +363,16 @@ def expanded_ops(ctx: RuleContext, n: fx.Node, kind: str = "M") -> int:
                 size += expanded_ops(ctx, nodes[name[2:]], name[0])
         memo[key] = size
     return memo[key]
+
+
+def _nodes_by_name(graph: fx.Graph) -> dict[str, fx.Node]:
+    """``{name: node}`` of ``graph``, built once per graph (rebuilding it for every node made
+    :func:`expanded_ops` quadratic in depth)."""
+    cached = getattr(graph, "_curvbound_nodes", None)
+    if cached is None or len(cached) != len(graph.nodes):
+        cached = {m.name: m for m in graph.nodes}
+        graph._curvbound_nodes = cached
+    return cached
 
 
 def final_block(ctx: RuleContext, t: Transfer) -> Transfer | None:

@@ -145,13 +145,32 @@ class PairScaledRows:
     estimate from below, like every power-iteration norm, and its gradient with v_c held fixed
     is v_cᵀ(dS_c)v_c, the eigenvalue's derivative at convergence. Vectors start (and
     :meth:`reset` restarts them) from the exact top eigenvectors.
+
+    ``signs`` = (w₊, w₋) replaces |c̃| by the one-sided weights w₊·c̃⁺ + w₋·c̃⁻ (c̃⁺ = max(c̃, 0),
+    c̃⁻ = max(−c̃, 0)), for the one-sided bounds of :class:`~curvbound.compiler.margins.Margins`
+    (``neg_curvature``).
     """
 
     def __init__(self, G: LinearOperator, W: LinearOperator, power: float, *,
-                 whole: Any = None, w_norm: Any = None):
+                 whole: Any = None, w_norm: Any = None,
+                 signs: tuple[float, float] | None = None):
         self.G, self.W, self.power = G, W, float(power)
         self.whole, self.w_norm = whole, w_norm  # quantities ‖Â‖ and ‖W‖ for the cheap bound
+        self.signs = None if signs is None else (float(signs[0]), float(signs[1]))
         self._vectors: dict[tuple[int, int], Tensor] = {}
+
+    def _weights(self, ctx: _Context, r: Tensor, sl: slice) -> Tensor:
+        """|c̃| (or the one-sided weights) of the pairs ``sl``, rounded up in certified mode. The
+        rows are exact, so the computed c̃ has the sign of the exact one (IEEE subtraction)."""
+        diff = r[ctx.i[sl]] - r[ctx.j[sl]]
+        if self.signs is None:
+            c = diff.abs()
+        else:
+            wp, wn = self.signs
+            c = diff.clamp_min(0) * wp + (-diff).clamp_min(0) * wn
+        if ctx.certified:
+            c = c * (1 + 16 * _U)  # the subtraction, the weights and the entries' own rounding
+        return c
 
     def reset(self) -> None:
         """Forget the tracked per-pair vectors (the next tracked call starts exactly)."""
@@ -179,6 +198,10 @@ class PairScaledRows:
         m = r.shape[1]
         with exact_arithmetic():
             w = ctx.keep(matrix_of(self.W))
+        n_in = w.shape[1]
+        if (ctx.pair_steps is None and not ctx.grad and n_in < m
+                and float(n_in) ** 3 * len(ctx.i) <= 5 * PAIR_EIG_BUDGET):
+            return self._narrow(ctx, r, w)
         t = w @ w.T
         if ctx.certified:
             e_t = _gamma(w.shape[1] + 8) * (w.abs() @ w.abs().T)  # entrywise bound on |T − T̂|
@@ -188,9 +211,7 @@ class PairScaledRows:
             e_t = torch.linalg.matrix_norm(e_t)
         out = ctx.empty(len(ctx.i))
         for sl in ctx.chunks(m * m):
-            c = (r[ctx.i[sl]] - r[ctx.j[sl]]).abs()
-            if ctx.certified:
-                c = c * (1 + 16 * _U)  # the subtraction and the entries' own rounding
+            c = self._weights(ctx, r, sl)
             d = c**self.power
             if ctx.certified:
                 d = d * (1 + 4 * _U)
@@ -208,6 +229,29 @@ class PairScaledRows:
             out[sl] = lam ** (0.5 / self.power)
         return out * (1 + 4 * _U) if ctx.certified else out
 
+    def _narrow(self, ctx: _Context, r: Tensor, w: Tensor) -> Tensor:
+        """The same λ_max through the smaller side: λ_max(D·WWᵀ·D) = λ_max(Wᵀ·D²·W) (n_in × n_in,
+        for W wider than it is tall, e.g. the 784 → 1024 layer of an MNIST MLP)."""
+        m, n_in = w.shape
+        frob2 = (w * w).sum() * (1 + _gamma(m * n_in + 2))  # ≥ ‖W‖_F² = ‖|W|‖_F²
+        out = ctx.empty(len(ctx.i))
+        for sl in ctx.chunks(2 * m * n_in):
+            c = self._weights(ctx, r, sl)
+            d2 = c ** (2 * self.power)
+            if ctx.certified:
+                d2 = d2 * (1 + 8 * _U)  # the powers' rounding (d² from |c̃|, rounded up)
+            s = (w.T[None] * d2[:, None, :]) @ w
+            lam = torch.linalg.eigvalsh(s)[:, -1].clamp_min(0)
+            if ctx.certified:
+                # entrywise |S − Ŝ| ≤ γ_{m+4}·(|W|ᵀD²|W|) (a length-m dot product of products),
+                # whose ‖·‖₂ ≤ max(d²)·‖|W|‖₂² ≤ max(d²)·‖W‖_F²; eigvalsh's backward error is
+                # covered by certify()
+                e_s = _gamma(m + 4) * d2.max(dim=1).values * frob2
+                lam = lam + e_s + 3 * _U * torch.linalg.matrix_norm(s)
+                lam = certify(lam)
+            out[sl] = lam ** (0.5 / self.power)
+        return out * (1 + 4 * _U) if ctx.certified else out
+
     def _cheap(self, ctx: _Context, r: Tensor, t_abs: Tensor) -> Tensor:
         """Too many pairs for one eigenvalue problem each: the Schur test
         λ_max(DTD) ≤ max_i d_i·Σ_j |T_ij|·d_j (one matrix product for all pairs), and for p = 1
@@ -215,9 +259,7 @@ class PairScaledRows:
         n = len(ctx.i)
         out = ctx.empty(n)
         for sl in ctx.chunks(r.shape[1]):
-            c = (r[ctx.i[sl]] - r[ctx.j[sl]]).abs()
-            if ctx.certified:
-                c = c * (1 + 16 * _U)
+            c = self._weights(ctx, r, sl)
             d = c**self.power
             if ctx.certified:
                 d = d * (1 + 4 * _U)
@@ -277,10 +319,14 @@ class MarginFold:
 
     ``fold`` maps each quantity symbol of the node's expressions that depends on G to its per-pair
     computation; ``extra`` maps a ``sympy.Min`` of the curvature expression to further arguments
-    valid for scalar outputs only (Singla & Feizi's block bound).
+    valid for scalar outputs only (Singla & Feizi's block bound). ``lower`` and ``upper`` map a
+    ``sympy.Min`` to further arguments valid only for the one-sided bounds K with
+    ∇²(cᵀf) ⪰ −K·I (``lower``) or ∇²(cᵀf) ⪯ K·I (``upper``) (see ``Margins.neg_curvature``).
     """
 
     op: LinearOperator
     fold: Mapping[sympy.Symbol, Any]
     extra: Mapping[sympy.Expr, tuple[sympy.Expr, ...]] = field(default_factory=dict)
     note: str = ""
+    lower: Mapping[sympy.Expr, tuple[sympy.Expr, ...]] = field(default_factory=dict)
+    upper: Mapping[sympy.Expr, tuple[sympy.Expr, ...]] = field(default_factory=dict)

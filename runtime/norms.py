@@ -14,23 +14,71 @@ modes:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 from torch import Tensor, nn
 
 from .certified import certify
 from .operators import Chain, FunctionOperator, LinearOperator, RowNormScaled, exact_arithmetic
 
-__all__ = ["Quantity", "Norm", "Constant", "MODES"]
+__all__ = ["Quantity", "Norm", "Constant", "MODES", "shared_evaluation"]
 
 MODES = ("estimate", "certified")
 
 
+#: The values computed in the current :func:`shared_evaluation` block, by quantity id.
+_SHARED: ContextVar[dict[int, object] | None] = ContextVar("curvbound_shared", default=None)
+
+
+@contextmanager
+def shared_evaluation(known: dict[int, object] | None = None) -> Iterator[None]:
+    """Inside the block every :class:`Quantity` called without arguments is evaluated once and
+    its value (the same tensor, with its autograd graph) shared by every later call: the
+    generated code and each LipLT factor read the same product norms, which were otherwise
+    recomputed by every reader. Parameters must not change inside the block; nested blocks
+    share the outer one. :meth:`BoundFunction.forward` opens one per call. ``known`` pre-sets
+    values by ``id(quantity)`` (the convergence loop evaluates ``static`` quantities once).
+
+    >>> from curvbound.runtime.operators import Dense
+    >>> W = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
+    >>> n = Norm(Dense(lambda: W, (2,), (2,)), "estimate")
+    >>> with shared_evaluation():
+    ...     a, b = n(), n()
+    >>> a is b, n() is n()
+    (True, False)
+    """
+    if _SHARED.get() is not None:
+        yield
+        return
+    token = _SHARED.set(dict(known or {}))
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
 class Quantity(nn.Module):
     """A named scalar computed at run time. ``certified`` says whether it is a guaranteed bound;
-    ``note`` says why not, where a certified one was asked for and could not be had."""
+    ``note`` says why not, where a certified one was asked for and could not be had.
+    Within :func:`shared_evaluation` each quantity is evaluated once."""
 
     certified: bool = False
     note: str = ""
+    #: True when the value does not depend on power-iteration state (only on the parameters):
+    #: the convergence loop of ``bf.refresh()`` then evaluates it once
+    static: bool = False
+
+    def __call__(self, *args, **kwargs):
+        memo = _SHARED.get()
+        if memo is None or args or kwargs:
+            return super().__call__(*args, **kwargs)
+        key = id(self)
+        if key not in memo:
+            memo[key] = super().__call__()
+        return memo[key]
 
     def step(self, steps: int = 1) -> None:
         """Advance internal iterative state (no-op by default)."""
@@ -41,6 +89,8 @@ class Quantity(nn.Module):
 
 class Constant(Quantity):
     """A fixed number (an exact constant or a certified one computed once)."""
+
+    static = True
 
     def __init__(self, value: float, certified: bool = True, label: str = ""):
         super().__init__()

@@ -252,7 +252,8 @@ class Dense(LinearOperator):
             w = precise(self.weight())
             return w * w.norm(dim=1, keepdim=True)
 
-        return Dense(scaled, self.in_shape, self.out_shape, f"diag(r){self.label}")
+        return _RowScaledDense(scaled, self.in_shape, self.out_shape, f"diag(r){self.label}",
+                               base=self.weight)
 
     def scaled(self, out_scale: Callable[[], Tensor] | None, in_scale=None) -> Dense:
         def w() -> Tensor:
@@ -276,6 +277,21 @@ class Dense(LinearOperator):
 
     def describe(self) -> str:
         return f"Dense({self.label})"
+
+
+class _RowScaledDense(Dense):
+    """diag(r)·W with r the row norms of W: a :class:`Dense` whose ``weight()`` materialises
+    diag(r)·W (values, certified norms), while :meth:`gram` applies Wᵀ diag(r²) W without
+    building that copy (power iteration on a wide layer allocated it at every step)."""
+
+    def __init__(self, weight, in_shape, out_shape, label, *, base: Callable[[], Tensor]):
+        super().__init__(weight, in_shape, out_shape, label)
+        self.base = base
+
+    def gram(self, u: Tensor) -> Tensor:
+        w = self.base().detach()
+        r2 = torch.linalg.vector_norm(w, dim=1).square()  # no copy of w
+        return (F.linear(u.to(w.dtype), w) * r2) @ w
 
 
 class Conv(LinearOperator):

@@ -428,6 +428,8 @@ class HadamardNorm(Quantity):
     of Ŝ, cached until a parameter changes.
     """
 
+    static = True  # no iteration state
+
     def __init__(self, G: LinearOperator, W: LinearOperator, mode: str = "estimate", label=""):
         super().__init__()
         if _numel(G.in_shape) != _numel(W.out_shape):
@@ -560,6 +562,8 @@ class CRTSensitivity(Quantity):
     >>> float(CRTSensitivity([Dense(lambda: W, (2,), (1,))])())
     4.0
     """
+
+    static = True  # no iteration state
 
     def __init__(self, ops: Sequence[LinearOperator], mode: str = "estimate", label: str = ""):
         super().__init__()

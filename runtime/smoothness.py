@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 from collections.abc import Callable, Sequence
@@ -51,7 +52,9 @@ __all__ = [
     "tanh",
     "sigmoid",
     "softplus",
+    "smooth_softplus",
     "centered_softplus",
+    "MAX_SLOPE_JUMP",
     "silu",
     "gelu",
     "elu",
@@ -77,7 +80,9 @@ class Smoothness:
 
     ``slope`` ≥ sup|σ'|, ``curvature`` ≥ sup|σ''| (∞ when σ' is discontinuous), and
     ``slope_range[0]`` ≤ inf σ' ≤ sup σ' ≤ ``slope_range[1]``. When ``exact`` is true, all of these
-    are the exact values.
+    are the exact values. ``curvature_range``, when given, holds proven bounds
+    lo ≤ σ''(z) ≤ hi for every z of a C² activation (softplus: (0, β/4)); one-sided margin
+    curvature bounds (runtime/margins.py) use its sign structure. None: (−curvature, curvature).
     """
 
     name: str
@@ -90,6 +95,21 @@ class Smoothness:
     d1: Callable[[Tensor], Tensor]
     d2: Callable[[Tensor], Tensor] | None
     smooth: bool
+    #: proven upper bound of sup_z |fn(z) − σ(z)|: how far torch's implementation ``fn`` is from
+    #: the smooth σ whose constants these are, because it switches formulas (softplus's
+    #: threshold); 0 when ``fn`` computes σ itself
+    jump: sympy.Expr = sympy.Integer(0)
+    #: proven upper bound of sup_z |fn'(z) − σ'(z)| (where fn is differentiable)
+    slope_jump: sympy.Expr = sympy.Integer(0)
+    #: σ itself, computed without switching, for the models' smooth twins (None when ``jump`` = 0)
+    twin: Callable[[Tensor], Tensor] | None = None
+    #: proven bounds lo ≤ σ'' ≤ hi of a C² σ (softplus: (0, β/4)); None: (−curvature, curvature)
+    curvature_range: tuple[sympy.Expr, sympy.Expr] | None = None
+
+    @property
+    def jump_float(self) -> float:
+        """``jump`` as the smallest float64 ≥ its exact value."""
+        return _float_up(self.jump)
 
     @property
     def slope_float(self) -> float:
@@ -172,36 +192,92 @@ def _sigmoid_d2(z: Tensor) -> Tensor:
     return -torch.sigmoid(z) * torch.sigmoid(-z) * torch.tanh(z / 2)  # 1 − 2s(z) = −tanh(z/2)
 
 
-def softplus(beta: float = 1.0) -> Smoothness:
+def smooth_softplus(x: Tensor, beta: float = 1.0) -> Tensor:
+    """log(1 + e^{βx})/β without torch's threshold: one smooth function on the whole line.
+
+    ``torch.nn.functional.softplus(x, beta, threshold)`` returns x itself once βx > threshold, so
+    it jumps by log(1 + e^{−threshold})/β there. This form never switches: with a = βx it
+    computes a + log1p(e^{−a}) for a > 0 and log1p(e^{a}) for a ≤ 0 (both accurate to a few ulps;
+    the clamps keep the branch that is not taken finite, so autograd gives σ'(0) = 1/2 exactly).
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> x = torch.tensor([20.5], dtype=torch.float64)
+        >>> float(smooth_softplus(x) - F.softplus(x)) > 1e-9  # torch returns x above 20
+        True
+        >>> torch.allclose(smooth_softplus(torch.tensor([-3.0, 0.0, 3.0]), 2.0),
+        ...                F.softplus(torch.tensor([-3.0, 0.0, 3.0]), 2.0))
+        True
+    """
+    a = x * beta
+    pos = a.clamp(min=0)
+    neg = a.clamp(max=0)
+    return (pos + (-pos).exp().log1p()).where(a > 0, neg.exp().log1p()) / beta
+
+
+#: Largest jump of σ' that a switching implementation may have: beyond it (softplus with
+#: threshold < ln 99 ≈ 4.6) torch's function is not "the smooth σ plus a small error" any more, and
+#: the rules refuse it (:class:`~curvbound.compiler.errors.DiscontinuityError`).
+MAX_SLOPE_JUMP = sympy.Rational(1, 100)
+
+
+def softplus(beta: float = 1.0, threshold: float | None = None) -> Smoothness:
     """softplus_β(z) = log(1 + e^{βz})/β: sup|σ'| = 1, sup|σ''| = β/4.
 
     σ' = s(βz) takes values in (0, 1), with sup 1 as z → ∞ (not attained). σ'' = β s(βz)s(−βz) is at
     most β/4, at z = 0.
 
-    The bound is for the mathematical softplus. ``torch.nn.functional.softplus(z, beta,
-    threshold=20)`` returns z when βz > 20. For βz > 20 the two differ by
-    log(1 + e^{−βz})/β < e^{−20}/β ≈ 2.06e-9/β, and the difference is largest just above the
-    threshold. Its derivative jumps there by at most s(−20) ≈ 2.06e-9. ``fn`` is torch's function,
-    ``d1`` and ``d2`` are the mathematical derivatives.
+    The constants are those of the mathematical softplus σ. ``torch.nn.functional.softplus(z,
+    beta, threshold)`` (``threshold`` = t, 20 by default) returns z itself when βz > t. Let
+    fn be that function. fn − σ = −log(1 + e^{−βz})/β on βz > t and 0 elsewhere, so
+    |fn − σ| < log(1 + e^{−t})/β = ``jump`` (the sup, approached just above the switch), and
+    |fn' − σ'| = s(−βz) < s(−t) = 1/(1 + e^t) = ``slope_jump``. With ``threshold=None`` the record
+    is that of σ with no switch (``fn`` is σ, computed by
+    :func:`smooth_softplus`). ``d1``, ``d2`` and ``twin`` are σ's.
+
+    Example:
+        >>> rec = softplus(2.0, threshold=5.0)
+        >>> rec.jump, f"{rec.jump_float:.6g}", rec.slope_jump
+        (log(exp(-5) + 1)/2, '0.00335767', 1/(1 + exp(5)))
     """
-    return _softplus(float(beta))
+    return _softplus(float(beta), None if threshold is None else float(threshold))
 
 
 @lru_cache
-def _softplus(beta: float) -> Smoothness:
+def _softplus(beta: float, threshold: float | None = None) -> Smoothness:
     b = _positive(beta, "softplus", "beta")
+    name = f"softplus(beta={_fmt(beta)})"
+    twin = functools.partial(smooth_softplus, beta=beta)
+    if threshold is None:
+        fn, jump, slope_jump, twin_or_none = twin, _ZERO, _ZERO, None
+    else:
+        if math.isnan(threshold):
+            raise ValueError("softplus: threshold must be a number, got nan")
+        name = f"softplus(beta={_fmt(beta)}, threshold={_fmt(threshold)})"
+        fn = functools.partial(F.softplus, beta=beta, threshold=threshold)
+        if math.isinf(threshold):
+            jump, slope_jump = _ZERO, _ZERO  # never switches (or always: threshold = −∞ below)
+            if threshold < 0:
+                raise ValueError("softplus: threshold = -inf makes softplus the identity")
+        else:
+            t = _exact(threshold)
+            jump = sympy.log(1 + sympy.exp(-t)) / b
+            slope_jump = 1 / (1 + sympy.exp(t))
+        twin_or_none = twin if jump != 0 else None
     return Smoothness(
-        f"softplus(beta={_fmt(beta)})", _ONE, b / 4, (_ZERO, _ONE), True, _SYMPY,
-        lambda z: F.softplus(z, beta), lambda z: torch.sigmoid(beta * z),
+        name, _ONE, b / 4, (_ZERO, _ONE), True, _SYMPY,
+        fn, lambda z: torch.sigmoid(beta * z),
         lambda z: beta * torch.sigmoid(beta * z) * torch.sigmoid(-beta * z), True,
+        jump, slope_jump, twin_or_none,
+        curvature_range=(_ZERO, b / 4),  # σ'' = β·s(βz)·s(−βz) > 0: softplus is convex
     )  # fmt: skip
 
 
 def centered_softplus(beta: float = 1.0) -> Smoothness:
     """softplus_β − log2/β: sup|σ'| = 1, sup|σ''| = β/4 (a shift of softplus_β, σ(0) = 0).
 
-    ``fn`` repeats :class:`curvbound.nn.CenteredSoftplus` exactly; see :func:`softplus`
-    for how torch's threshold changes it.
+    ``fn`` repeats :class:`curvbound.nn.CenteredSoftplus` exactly. That layer computes the
+    smooth softplus on the whole line (:func:`smooth_softplus`, no threshold), so ``jump`` is 0.
     """
     return _centered_softplus(float(beta))
 
@@ -212,7 +288,9 @@ def _centered_softplus(beta: float) -> Smoothness:
     shift = math.log(2.0) / beta
     return Smoothness(
         f"centered_softplus(beta={_fmt(beta)})", s.slope, s.curvature, s.slope_range, True,
-        "shift of softplus; " + s.method, lambda z: F.softplus(z, beta) - shift, s.d1, s.d2, True,
+        "shift of softplus; " + s.method, lambda z: smooth_softplus(z, beta) - shift, s.d1, s.d2,
+        True,
+        curvature_range=s.curvature_range,
     )  # fmt: skip
 
 

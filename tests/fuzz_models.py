@@ -27,6 +27,7 @@ input (48,)
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from collections.abc import Callable
@@ -54,14 +55,25 @@ __all__ = [
 
 Shape = tuple[int, ...]
 
-# Every smooth activation with a rule, as (name, module factory, functional form or None).
+# Every smooth activation with a rule, as (name, module factory, functional form or None). torch's
+# softplus switches to the identity at βz > threshold: small thresholds (5 is about the smallest
+# the rule accepts) put the switch where pre-activations are, and check_case then checks the
+# bounds' error term on pairs straddling it. The thresholds are fixed by β, so that the random
+# draws (and every recorded case) stay what they were before thresholds were added.
+_THRESHOLDS = {0.5: 20.0, 1.0: 5.0, 2.0: 8.0, 5.0: 12.0}
+
+
+def _softplus(beta: float) -> nn.Softplus:
+    return nn.Softplus(beta=beta, threshold=_THRESHOLDS[beta])
+
+
 ACTIVATIONS: list[tuple[str, Callable[[random.Random], nn.Module], Callable | None]] = [
     ("tanh", lambda r: nn.Tanh(), torch.tanh),
     ("tanh_method", lambda r: nn.Tanh(), lambda h: h.tanh()),
     ("sigmoid", lambda r: nn.Sigmoid(), torch.sigmoid),
     ("sigmoid_method", lambda r: nn.Sigmoid(), lambda h: h.sigmoid()),
-    ("softplus", lambda r: nn.Softplus(beta=r.choice([0.5, 1.0, 2.0, 5.0])), None),
-    ("softplus_fn", lambda r: nn.Softplus(), lambda h: F.softplus(h, beta=3.0)),
+    ("softplus", lambda r: _softplus(r.choice([0.5, 1.0, 2.0, 5.0])), None),
+    ("softplus_fn", lambda r: nn.Softplus(), lambda h: F.softplus(h, 3.0, 6.0)),
     ("centered_softplus", lambda r: CenteredSoftplus(beta=r.choice([1.0, 1.5, 4.0])), None),
     ("silu", lambda r: nn.SiLU(), F.silu),
     ("gelu", lambda r: nn.GELU(), F.gelu),
@@ -673,6 +685,10 @@ class CaseResult:
     curv_lower: float
     violations: list[str]
     certified: bool
+    #: Bounds.error per (method, norms): nonzero with torch's switching softplus
+    errors: dict[tuple[str, str], float] = field(default_factory=dict)
+    #: pairs straddling a formula switch that the check used (0 without switches)
+    straddling: int = 0
 
     def ratios(self) -> tuple[float, float]:
         """certified compositional bound / empirical lower bound, for L and M (nan if 0)."""
@@ -702,25 +718,41 @@ def check_case(
     (float64 rounding of the empirical ratios, not of the bounds). Estimates run power iteration
     to convergence, or ``refresh_steps`` steps (every iterate is ≤ the norm, so the comparison
     with the certified bound holds at any step).
+
+    With torch's switching activations (softplus's threshold; ``Bounds.error`` ε > 0) L and M are
+    the smooth twin's constants, so the gradient-ascent lower bounds run on ``bf.smooth_twin()``,
+    and torch's own function is checked on pairs straddling every switch
+    (``straddling_pairs``): ‖f(x) − f(y)‖ ≤ L‖x − y‖ + 2ε and ‖f(y) − F(y)‖ ≤ ε there. Without
+    the error term those pairs fail (they are a few ulps apart across a jump).
     """
     import curvbound
-    from curvbound.apps.empirical import curvature_lower_bound, lipschitz_lower_bound
+    from curvbound.apps.empirical import (
+        curvature_lower_bound,
+        lipschitz_lower_bound,
+        straddling_pairs,
+    )
 
     x = torch.zeros(1, *input_shape, dtype=torch.float64)
     bounds: dict[tuple[str, str], tuple[float, float]] = {}
+    errors: dict[tuple[str, str], float] = {}
     violations: list[str] = []
     certified = True
+    twin = None
     for method in methods:
         for norms in ("estimate", "certified"):
             converge = norms == "estimate" and refresh_steps is None
             bf = curvbound.compile(model, x, method=method, norms=norms, refresh=converge)
             out = bf(refresh=refresh_steps or 0) if norms == "estimate" else bf()
             bounds[method, norms] = (float(out.lipschitz.detach()), float(out.curvature.detach()))
+            errors[method, norms] = float(out.error)
             if norms == "certified" and not out.certified:
                 certified = False
                 violations.append(f"{method}: norms='certified' gave Bounds.certified=False")
-    lip = lipschitz_lower_bound(model, input_shape, samples=samples, steps=steps, seed=seed)
-    curv = curvature_lower_bound(model, input_shape, samples=samples, steps=steps, seed=seed)
+            if out.error > 0 and twin is None:
+                twin = bf.smooth_twin(torch.float64).eval()
+    target = model if twin is None else twin
+    lip = lipschitz_lower_bound(target, input_shape, samples=samples, steps=steps, seed=seed)
+    curv = curvature_lower_bound(target, input_shape, samples=samples, steps=steps, seed=seed)
     for method in methods:
         lc, mc = bounds[method, "certified"]
         le, me = bounds[method, "estimate"]
@@ -730,4 +762,31 @@ def check_case(
             violations.append(f"{method}: certified M={mc!r} < empirical {curv!r}")
         if le > lc * (1 + 1e-9) or me > mc * (1 + 1e-9):
             violations.append(f"{method}: estimate ({le!r}, {me!r}) > certified ({lc!r}, {mc!r})")
-    return CaseResult(bounds, lip, curv, violations, certified)
+        if errors[method, "estimate"] > errors[method, "certified"] * (1 + 1e-9):
+            violations.append(f"{method}: estimated error > certified error")
+    straddling = 0
+    if twin is not None:
+        real = copy.deepcopy(model).double().eval()
+        xs, ys = straddling_pairs(real, input_shape, samples=2 * samples, seed=seed)
+        straddling = len(xs)
+        with torch.no_grad():
+            fx_, fy = real(xs).flatten(1), real(ys).flatten(1)
+            jump = (fx_ - fy).norm(dim=1)
+            dev = (fy - twin(ys).flatten(1)).norm(dim=1)
+        dist = (xs - ys).flatten(1).norm(dim=1)
+        scale = fy.norm(dim=1) + fx_.norm(dim=1)
+        for method in methods:
+            lc, _ = bounds[method, "certified"]
+            eps = errors[method, "certified"]
+            allowed = lc * dist + 2 * eps
+            if bool((jump > allowed * (1 + rtol) + atol + 1e-14 * scale).any()):
+                worst = float((jump - allowed).max())
+                violations.append(
+                    f"{method}: ‖f(x) − f(y)‖ > L‖x − y‖ + 2·error by {worst!r} on pairs "
+                    f"straddling a switch (error={eps!r})"
+                )
+            if bool((dev > eps * (1 + rtol) + atol + 1e-14 * scale).any()):
+                violations.append(
+                    f"{method}: ‖f − smooth twin‖ = {float(dev.max())!r} > error {eps!r}"
+                )
+    return CaseResult(bounds, lip, curv, violations, certified, errors, straddling)

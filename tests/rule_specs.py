@@ -224,6 +224,12 @@ SPECS: list[Spec] = [
     Spec("softplus", (nn.Softplus, F.softplus),
          lambda: Fn(nn.Sequential(nn.Softplus(beta=3.0), _f(lambda x: F.softplus(x, beta=0.5)))),
          (4,)),
+    # torch's softplus switches to x at βx > threshold: small thresholds put the switch among the
+    # pre-activations; the checker adds pairs straddling it (Bounds.error must cover the jump)
+    Spec("softplus_threshold", (nn.Softplus, F.softplus),
+         lambda: Fn(nn.Sequential(nn.Softplus(beta=2.0, threshold=5.0),
+                                  _f(lambda x: F.softplus(x, 1.0, 6.0)))),
+         (4,)),
     Spec("centered_softplus", (curvbound.CenteredSoftplus,),
          act(curvbound.CenteredSoftplus(beta=2.0)), (4,)),
     Spec("leaky_softplus", (cnn.LeakySoftplus,),

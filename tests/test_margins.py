@@ -13,7 +13,12 @@ from torch import nn
 
 import curvbound
 from curvbound import zoo
-from curvbound.apps.empirical import Margin, hessian_lower_bound, lipschitz_lower_bound
+from curvbound.apps.empirical import (
+    Margin,
+    hessian_lower_bound,
+    lipschitz_lower_bound,
+    neg_curvature_lower_bound,
+)
 from curvbound.compiler.margins import Margins
 
 TANH_CURV = 4 / (3 * math.sqrt(3))
@@ -125,3 +130,53 @@ def test_cheap_pair_bound_beyond_the_eigenvalue_budget(monkeypatch):
     assert (cheap.curvature[off] >= exact.curvature[off] * (1 - 1e-12)).all()
     assert (cheap.curvature[off] <= math.sqrt(2) * float(out.curvature) * (1 + 1e-12)).all()
     assert float(cheap.curvature[0, 1]) > float(exact.curvature[0, 1])  # the SF term is gone
+
+
+# -- one-sided margin curvature (issue 17) ---------------------------------------------------------
+ONE_SIDED = {
+    "softplus2": (lambda: zoo.mlp([5, 12, 4], act=nn.Softplus, seed=2).double(), (5,)),
+    "softplus3": (lambda: zoo.mlp([5, 10, 10, 4], act=nn.Softplus, seed=3).double(), (5,)),
+    "tanh3": (lambda: zoo.mlp([5, 10, 10, 4], seed=3).double(), (5,)),
+    "residual": (lambda: zoo.residual_mlp(d_in=6, width=8, d_out=4, blocks=1).double(), (6,)),
+}
+
+
+def test_one_sided_softplus_two_layer_matches_the_exact_eigenvalue():
+    """f = G softplus(Wx + b): ∇²(f_i − f_j) = Wᵀdiag(c̃ ⊙ σ'')W with 0 < σ'' ≤ ¼, so the smallest
+    valid K is at most ¼·λ_max(Wᵀdiag(c̃⁻)W) -- and the bound equals it (computed here directly)."""
+    model = ONE_SIDED["softplus2"][0]().eval()
+    W, G = model[0].weight.detach(), model[2].weight.detach()
+    x = torch.zeros(1, 5, dtype=torch.float64)
+    m = curvbound.compile(model, x, norms="certified").margins()
+    assert m.certified and torch.equal(m.pos_curvature, m.neg_curvature.T)
+    for i in range(4):
+        for j in range(4):
+            if i == j:
+                continue
+            neg = (G[j] - G[i]).clamp_min(0)  # c̃⁻ for c̃ = G[i] − G[j]
+            exact = 0.25 * float(torch.linalg.eigvalsh(W.T @ (neg[:, None] * W))[-1])
+            got = float(m.neg_curvature[i, j])  # certified: rounded up, by a little
+            assert exact <= got <= exact * (1 + 1e-7) + 1e-15
+    off = ~torch.eye(4, dtype=torch.bool)
+    assert (m.neg_curvature[off] < m.curvature[off]).all()  # strictly better for every pair
+
+
+@pytest.mark.parametrize("name", sorted(ONE_SIDED))
+def test_one_sided_bounds_are_sound_and_below_two_sided(name):
+    build, shape = ONE_SIDED[name]
+    model = build().eval()
+    bf = curvbound.compile(model, torch.zeros(1, *shape, dtype=torch.float64), norms="certified")
+    m = bf.margins()
+    assert m.certified and m.pairwise
+    off = ~torch.eye(m.classes, dtype=torch.bool)
+    assert (m.neg_curvature[off] <= m.curvature[off]).all()
+    assert (m.neg_curvature >= 0).all()
+    if name.startswith("softplus"):  # the sign structure helps for every pair here
+        assert (m.neg_curvature[off] < m.curvature[off]).all()
+    if name == "tanh3":  # σ'' has both signs: nothing to exploit
+        assert torch.equal(m.neg_curvature, m.curvature)
+    for i, j in [(0, 1), (1, 0), (3, 2)]:
+        emp = neg_curvature_lower_bound(Margin(model, i, j), shape, seed=5, samples=8, steps=20,
+                                        scale=2.0)
+        assert emp > 0
+        assert float(m.neg_curvature[i, j]) >= emp, (name, i, j)

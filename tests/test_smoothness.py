@@ -23,8 +23,8 @@ from curvbound.runtime import smoothness as S
 ROWS = [
     ("tanh", {}, nn.Tanh(), ()),
     ("sigmoid", {}, nn.Sigmoid(), ()),
-    ("softplus", {}, nn.Softplus(), ()),
-    ("softplus", {"beta": 2.5}, nn.Softplus(beta=2.5), ()),
+    ("softplus", {"threshold": 20.0}, nn.Softplus(), ()),
+    ("softplus", {"beta": 2.5, "threshold": 20.0}, nn.Softplus(beta=2.5), ()),
     ("centered_softplus", {"beta": 0.5}, CenteredSoftplus(beta=0.5), ()),
     ("centered_softplus", {"beta": 3.0}, CenteredSoftplus(beta=3.0), ()),
     ("silu", {}, nn.SiLU(), ()),

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ...compiler.context import RuleContext, Transfer
+from ...compiler.errors import DiscontinuityError
+from ...compiler.naming import node_label
 from ...runtime import smoothness as S
 from .base import elementwise_transfer, register
 
@@ -42,8 +44,43 @@ def sigmoid(node: fx.Node, ctx: RuleContext) -> Transfer:
 
 @register(nn.Softplus, F.softplus)
 def softplus(node: fx.Node, ctx: RuleContext) -> Transfer:
-    """softplus_β: sup|σ'| = 1, sup|σ''| = β/4."""
-    return _apply(ctx, S.softplus(float(_param(ctx, "beta", 1, 1.0))))
+    """softplus_β: sup|σ'| = 1, sup|σ''| = β/4, for the smooth softplus.
+
+    torch returns x itself once βx > threshold; the rule records that switch as the node's
+    ``error`` (log(1 + e^{−threshold})/β per unit, see
+    :func:`curvbound.runtime.smoothness.softplus`), which the compiler carries to the output
+    (``Bounds.error``). A threshold whose slope jump 1/(1 + e^t) exceeds
+    :data:`curvbound.runtime.smoothness.MAX_SLOPE_JUMP` (t < ln 99 ≈ 4.6), or one beyond the
+    dtype's exp overflow, raises :class:`~curvbound.compiler.errors.DiscontinuityError`.
+    """
+    beta = float(_param(ctx, "beta", 1, 1.0))
+    threshold = float(_param(ctx, "threshold", 2, 20.0))
+    rec = S.softplus(beta, threshold)
+    where = _where(node, ctx)
+    if rec.slope_jump > S.MAX_SLOPE_JUMP:
+        raise DiscontinuityError(
+            f"{where} is torch's softplus with beta={beta:g}, threshold={threshold:g}: it returns "
+            f"x itself once beta*x > {threshold:g}, where it jumps by {rec.jump_float:.3g} and its "
+            f"slope by {float(rec.slope_jump):.3g}, so it is not a smooth function with a small "
+            "error and no meaningful Lipschitz or curvature bound exists. Raise the threshold "
+            "(>= 5; the default 20 leaves a jump of 2.1e-9/beta, which curvbound carries as "
+            "Bounds.error) or use curvbound.CenteredSoftplus, which never switches."
+        )
+    meta = node.meta.get("tensor_meta")
+    dtype = getattr(meta, "dtype", torch.float32)
+    limit = math.log(torch.finfo(dtype).max) if dtype.is_floating_point else math.inf
+    if threshold > limit:
+        raise DiscontinuityError(
+            f"{where} is torch's softplus with beta={beta:g}, threshold={threshold:g}: in "
+            f"{dtype} exp(beta*x) overflows for beta*x > {limit:.4g}, so it returns inf for beta*x "
+            f"between {limit:.4g} and the threshold. Use a threshold <= {math.floor(limit)} "
+            "(the default 20 is fine) or curvbound.CenteredSoftplus."
+        )
+    return _apply(ctx, rec)
+
+
+def _where(node: fx.Node, ctx: RuleContext) -> str:
+    return f"node '{node.name}' ({node_label(node, ctx.root)})"
 
 
 @register(nn.SiLU, F.silu)
@@ -136,5 +173,6 @@ def max_pool(node: fx.Node, ctx: RuleContext) -> Transfer:
     k = _overlap(kernel, stride, dilation, dims)
     lip = sympy.sqrt(sympy.Integer(k))
     return Transfer(
-        lip * ctx.L(u), sympy.oo, nonsmooth=True, note=f"max pool: each entry in ≤ {k} windows"
+        lip * ctx.L(u), sympy.oo, nonsmooth=True, note=f"max pool: each entry in ≤ {k} windows",
+        gains={u: lip},
     )

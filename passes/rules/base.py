@@ -12,6 +12,7 @@ from torch import fx
 
 from ...compiler.context import Elementwise, RuleContext, Transfer
 from ...compiler.errors import RegistrationError
+from ...compiler.exprs import smin
 from ...compiler.naming import node_label
 from ...compiler.registry import DEFAULT_REGISTRY
 from ...runtime.operators import FunctionOperator, Reshape, Scalar
@@ -135,15 +136,21 @@ def elementwise_transfer(
     u = ctx.input()
     lo, hi = (number(v) for v in slope_range) if slope_range is not None else (-a, a)
     kappa: dict = {}
+    second = getattr(record, "curvature_range", None)
+    if second is not None:
+        second = (number(second[0]), number(second[1]))
     if ctx.anchor is not None and c != sympy.oo:
         found = ctx.anchor.curvature(ctx, u, record)
         if found is not None:
             c, kappa = found[0], dict([found])
-    info = Elementwise(u, a, c, lo, hi, name)
+    info = Elementwise(u, a, c, lo, hi, name, second)
     L = a * ctx.L(u)
+    switch = _own_error(ctx, record)
     if c == sympy.oo:
         note = f"{name}' is discontinuous: curvature ∞"
-        return Transfer(L, sympy.oo, nonsmooth=True, note=note, elementwise=info)
+        return Transfer(
+            L, sympy.oo, nonsmooth=True, note=note, elementwise=info, gains={u: a}, **switch
+        )
     prod = ctx.transfer(u)
     op = prod.operator
     if (
@@ -161,7 +168,7 @@ def elementwise_transfer(
                 quantities = ctx.anchor.row_norm(ctx, u, record, sym, q, op)
             own = sym * ctx.L(prod.source) ** 2
             if ctx.method == "compositional":
-                own = sympy.Min(ctx.L(u) ** 2, own, evaluate=False)  # both are valid
+                own = smin(ctx.L(u) ** 2, own)  # both are valid (not compared: costly)
             M = c * own + a * ctx.M(u)
             return Transfer(
                 L,
@@ -169,8 +176,22 @@ def elementwise_transfer(
                 {**quantities, **kappa},
                 note=f"block rule (d): {sym} = ‖diag(r)A‖, A = {op.describe()}",
                 elementwise=info,
+                gains={u: a},
+                **switch,
             )
-    return Transfer(L, c * ctx.L(u) ** 2 + a * ctx.M(u), kappa, elementwise=info)
+    return Transfer(
+        L, c * ctx.L(u) ** 2 + a * ctx.M(u), kappa, elementwise=info, gains={u: a}, **switch
+    )
+
+
+def _own_error(ctx: RuleContext, record: Any) -> dict:
+    """The node's own implementation error δ·√n (n = units per sample) for a record whose torch
+    function switches formulas (``record.jump`` = δ > 0), with the smooth twin; else nothing."""
+    jump = number(getattr(record, "jump", 0) or 0)
+    if jump == 0:
+        return {}
+    n = math.prod(ctx.shape())
+    return {"error": jump * sympy.sqrt(sympy.Integer(n)), "twin": record.twin}
 
 
 def elementwise(

@@ -227,11 +227,13 @@ def _sum_transfer(ctx: RuleContext, coef: dict[fx.Node, float]) -> Transfer:
         return scaled(ctx, u, c)
     L = sympy.Integer(0)
     M = sympy.Integer(0)
+    gains = {}
     for u, c in coef.items():
         k = number(abs(c)) * _bcast(ctx, u)
         L += k * ctx.L(u)
         M += k * ctx.M(u)
-    return Transfer(L, M)
+        gains[u] = k
+    return Transfer(L, M, gains=gains)
 
 
 def _bcast(ctx: RuleContext, u: fx.Node) -> sympy.Expr:

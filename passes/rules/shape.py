@@ -150,8 +150,14 @@ def cat(node: fx.Node, ctx: RuleContext) -> Transfer:
         raise Decline("concatenation along the batch dimension (dim 0) mixes samples")
     ls = [ctx.L(p) for p in parts if not ctx.is_constant(p)]
     ms = [ctx.M(p) for p in parts if not ctx.is_constant(p)]
+    # ‖[e₁; e₂]‖ ≤ ‖e₁‖ + ‖e₂‖: each part moves the result by at most its own move (a part
+    # listed twice counts twice)
+    gains: dict = {}
+    for p in parts:
+        if not ctx.is_constant(p):
+            gains[p] = gains.get(p, 0) + sympy.Integer(1)
     if len(ls) == 1:
-        return Transfer(ls[0], ms[0])
+        return Transfer(ls[0], ms[0], gains=gains)
     return Transfer(
-        sympy.sqrt(sum(x**2 for x in ls)), sympy.sqrt(sum(x**2 for x in ms))
+        sympy.sqrt(sum(x**2 for x in ls)), sympy.sqrt(sum(x**2 for x in ms)), gains=gains
     )
