@@ -27,15 +27,11 @@ from ..compiler import errors
 from ..compiler.report import rows
 from ..pipeline import compile as compile_bound
 from . import demo as demo_app
+from . import experiments as _experiments
 from . import views, zoo
 from .certificates import Certificate, Certifier
 from .data import load_cifar10, load_mnist
 from .distributed import ensure_process_group, gather_batches, is_main_process, mine
-
-try:  # written by the experiments issue (15); the command says so while it is absent
-    from . import experiments as _experiments
-except ImportError:
-    _experiments = None
 
 __all__ = ["main", "EXIT_CODES", "load_model", "parse_shape"]
 
@@ -110,10 +106,10 @@ def load_model(spec: str) -> tuple[nn.Module, tuple[int, ...] | None]:
         raise UsageError(f"MODEL {spec!r}: name the factory too, as {spec}:make_model")
     elif spec in zoo.ZOO:
         built = zoo.ZOO[spec]()
-    elif _experiments is not None and spec in getattr(_experiments, "EXPERIMENTS", ()):
+    elif spec in _experiments.EXPERIMENTS:
         built = _experiments.build(spec)
     else:
-        known = sorted(zoo.ZOO) + sorted(getattr(_experiments, "EXPERIMENTS", ()))
+        known = sorted(zoo.ZOO) + sorted(_experiments.EXPERIMENTS)
         raise UsageError(f"MODEL {spec!r} is neither path/to/file.py:factory nor a known model "
                          f"name ({', '.join(known)})")
     shape = None
@@ -272,14 +268,21 @@ _CIFAR = demo_app.DemoConfig(widths=(), epochs=0, batch_size=0, lr=0, weight=0, 
                              eps=(36 / 255, 72 / 255, 108 / 255, 1.0))
 
 
-def cmd_experiment(args, rest: Sequence[str]) -> int:
-    if _experiments is None or not hasattr(_experiments, "run"):
-        print(f"curvbound experiment: the experiments are not part of this installation yet "
-              f"(curvbound.apps.experiments is missing); cannot run {args.name!r}.",
-              file=sys.stderr)
-        return USAGE_ERROR
-    result = _experiments.run(args.name, *rest)
-    return int(result) if isinstance(result, int) else 0
+def cmd_experiment(args) -> int:
+    record = _experiments.run(
+        args.name, epochs=args.epochs, seed=args.seed, data_dir=args.data_dir, out=args.out,
+        train_limit=args.train_limit, test_limit=args.test_limit, progress=not args.quiet,
+        certify_only=args.certify_only,
+    )
+    if not is_main_process():
+        return 0
+    print(_experiments.records_table([record]))
+    b = record["bounds"]
+    kind = "certified" if b["certified"] else "ESTIMATED"
+    print(f"bounds: L = {b['lipschitz']:.5g}, M = {b['curvature']:.5g} ({kind}); "
+          f"trained {record['train_seconds']:.0f} s; wrote {args.name}.json, .pt, .png to "
+          f"{args.out}")
+    return 0
 
 
 # -- parser -----------------------------------------------------------------------------------
@@ -355,8 +358,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("experiment", help="run a named experiment (docs/experiments.md)",
                        epilog="example:\n  curvbound experiment mnist-2f --epochs 1 --out runs/",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("name", metavar="NAME")
-    p.set_defaults(func=None)
+    p.add_argument("name", metavar="NAME", choices=sorted(_experiments.EXPERIMENTS),
+                   help="one of: " + ", ".join(sorted(_experiments.EXPERIMENTS)))
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the "
+                   "experiment's budget, docs/experiments.md)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None, metavar="D",
+                   help="folder with mnist.npz / cifar10_jpeg.npz")
+    p.add_argument("--out", default="experiments", metavar="OUT",
+                   help="folder for NAME.json, NAME.pt, NAME.png")
+    p.add_argument("--train-limit", type=int, default=None, metavar="N",
+                   help="train on the first N training images")
+    p.add_argument("--test-limit", type=int, default=None, metavar="N",
+                   help="certify the first N test images")
+    p.add_argument("--certify-only", action="store_true",
+                   help="certify OUT/NAME.pt of an earlier run again (no training)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_experiment)
     return parser
 
 
@@ -364,15 +382,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (see :data:`EXIT_CODES`)."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args, rest = parser.parse_known_args(argv)
-    if args.command != "experiment" and rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = parser.parse_args(argv)
     threads = args.threads if args.threads is not None else (1 if args.command == "demo" else 0)
     if threads > 0:
         torch.set_num_threads(threads)
     try:
-        if args.command == "experiment":
-            return cmd_experiment(args, rest)
         return args.func(args)
     except errors.CurvboundError as error:
         code = next(c for t, c in EXIT_CODES.items() if isinstance(error, t))

@@ -224,13 +224,6 @@ def test_cli_errors_are_messages(argv, code, text, capsys):
     assert text in err and "Traceback" not in err
 
 
-def test_experiment_stub(capsys):
-    if cli._experiments is not None and hasattr(cli._experiments, "run"):
-        pytest.skip("experiments are installed")
-    assert cli.main(["experiment", "mnist-2f", "--epochs", "1"]) == 2
-    assert "experiments are not part of this installation" in capsys.readouterr().err
-
-
 def test_help_shows_examples(capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["--help"])
