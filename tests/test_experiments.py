@@ -86,3 +86,9 @@ def test_docs_tables_come_from_the_stored_records():
         part = [r for r in records if r["dataset"] == dataset]
         if part:
             assert E.records_table(part) in doc, f"docs/experiments.md: stale {dataset} table"
+
+
+def test_the_public_module_re_exports_the_application():
+    import curvbound.experiments as public
+
+    assert public.build is E.build and public.run is E.run and public.EXPERIMENTS is E.EXPERIMENTS
