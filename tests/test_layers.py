@@ -53,6 +53,7 @@ class Imports(ast.NodeVisitor):
         self.module, self.is_package, self.modules = module, is_package, modules
         self.found: list[tuple[str, int, bool]] = []
         self.inner_third_party: list[tuple[str, int]] = []
+        self.beyond: list[int] = []
         self.depth = 0
 
     def _function(self, node):
@@ -89,6 +90,8 @@ class Imports(ast.NodeVisitor):
             base = self.module.split(".") if self.module else []
             if not self.is_package:
                 base = base[:-1]
+            if node.level - 1 > len(base):  # `from ..x` in a top-level module: outside the package
+                self.beyond.append(node.lineno)
             base = base[: len(base) - (node.level - 1)] if node.level > 1 else base
             target = ".".join(base + ([node.module] if node.module else []))
         else:
@@ -121,6 +124,8 @@ def scan():
             if rank(target) > rank(name):
                 upward.append(f"{where}:{line} ({name or PACKAGE}, layer {rank(name)}) imports "
                               f"{target or PACKAGE} (layer {rank(target)})")
+        for line in visitor.beyond:
+            upward.append(f"{where}:{line} imports from beyond the package")
         for mod, line in visitor.inner_third_party:
             if mod.split(".")[0] not in OPTIONAL_EXTRAS:
                 inner_third.append(f"{where}:{line} imports {mod} inside a function")
@@ -151,6 +156,12 @@ def test_no_imports_inside_functions():
 
 def test_imports_point_down_the_layers():
     assert not UPWARD, "\n".join(UPWARD)
+
+
+def test_a_relative_import_beyond_the_package_is_caught():
+    visitor = Imports("experiments", False, MODULES)
+    visitor.visit(ast.parse("from ..pipeline import compile\n"))
+    assert visitor.beyond == [1]
 
 
 @pytest.mark.parametrize(
