@@ -568,6 +568,28 @@ def curvature_lower_bound(f: Callable[[Tensor], Tensor] | nn.Module, input_shape
     return max(best, 0.0)
 
 
+def _hessian_ascent(name, objective_cls, g, input_shape, samples, steps, lr, scale, radius,
+                    center, exact_dim, power_steps, polish_steps, budget, time_limit, dtype,
+                    seed) -> float:
+    """Gradient ascent over points of a scalar g on a per-point Hessian objective
+    (:class:`_PointHessian` or :class:`_PointNegEigen`): the shared body of
+    :func:`hessian_lower_bound` and :func:`neg_curvature_lower_bound`."""
+    prob, dom, gen, deadline = _setup(g, input_shape, None, center, scale, radius, dtype, seed,
+                                      time_limit)
+    if prob.m != 1:
+        raise ValueError(f"{name} needs a scalar function, got {prob.m} outputs; "
+                         "wrap a classifier in Margin(model, i, j)")
+    exact = prob.n <= exact_dim
+    # third-order autograd through a double backward: about three times a Jacobian's cost
+    evals = 15.0 * prob.n + 30.0 if exact else 15.0 * power_steps + 30.0
+    n_points, n_steps = _plan(samples, steps, evals, prob, budget)
+    x, d = _start(dom, gen, n_points, False, dtype)
+    objective = objective_cls(prob, _random_unit(gen, n_points, prob.n, dtype), exact,
+                              power_steps)
+    return _ascend(objective, dom, x, d, steps=n_steps, lr=lr, move_x=True, move_d=False,
+                   polish_steps=polish_steps, deadline=deadline)
+
+
 def hessian_lower_bound(g: Callable[[Tensor], Tensor] | nn.Module, input_shape: Shape, *,
                         samples: int | None = None, steps: int | None = None, lr: float = 0.2,
                         scale: float = 1.0, radius: float | None = None,
@@ -585,19 +607,9 @@ def hessian_lower_bound(g: Callable[[Tensor], Tensor] | nn.Module, input_shape: 
     >>> round(hessian_lower_bound(lambda x: 0.5 * (x ** 2).sum(1), (4,)), 6)
     1.0
     """
-    prob, dom, gen, deadline = _setup(g, input_shape, None, center, scale, radius, dtype, seed,
-                                      time_limit)
-    if prob.m != 1:
-        raise ValueError(f"hessian_lower_bound needs a scalar function, got {prob.m} outputs; "
-                         "wrap a classifier in Margin(model, i, j)")
-    exact = prob.n <= exact_dim
-    # third-order autograd through a double backward: about three times a Jacobian's cost
-    evals = 15.0 * prob.n + 30.0 if exact else 15.0 * power_steps + 30.0
-    n_points, n_steps = _plan(samples, steps, evals, prob, budget)
-    x, d = _start(dom, gen, n_points, False, dtype)
-    objective = _PointHessian(prob, _random_unit(gen, n_points, prob.n, dtype), exact, power_steps)
-    best = _ascend(objective, dom, x, d, steps=n_steps, lr=lr, move_x=True, move_d=False,
-                   polish_steps=polish_steps, deadline=deadline)
+    best = _hessian_ascent("hessian_lower_bound", _PointHessian, g, input_shape, samples, steps,
+                           lr, scale, radius, center, exact_dim, power_steps, polish_steps,
+                           budget, time_limit, dtype, seed)
     return max(best, 0.0)
 
 
@@ -748,16 +760,6 @@ def neg_curvature_lower_bound(g: Callable[[Tensor], Tensor] | nn.Module, input_s
     >>> round(neg_curvature_lower_bound(lambda x: x[:, 0] ** 2 - 3 * x[:, 1] ** 2, (2,)), 6)
     6.0
     """
-    prob, dom, gen, deadline = _setup(g, input_shape, None, center, scale, radius, dtype, seed,
-                                      time_limit)
-    if prob.m != 1:
-        raise ValueError(f"neg_curvature_lower_bound needs a scalar function, got {prob.m} "
-                         "outputs; wrap a classifier in Margin(model, i, j)")
-    exact = prob.n <= exact_dim
-    evals = 15.0 * prob.n + 30.0 if exact else 15.0 * power_steps + 30.0
-    n_points, n_steps = _plan(samples, steps, evals, prob, budget)
-    x, d = _start(dom, gen, n_points, False, dtype)
-    objective = _PointNegEigen(prob, _random_unit(gen, n_points, prob.n, dtype), exact,
-                               power_steps)
-    return _ascend(objective, dom, x, d, steps=n_steps, lr=lr, move_x=True, move_d=False,
-                   polish_steps=polish_steps, deadline=deadline)
+    return _hessian_ascent("neg_curvature_lower_bound", _PointNegEigen, g, input_shape, samples,
+                           steps, lr, scale, radius, center, exact_dim, power_steps, polish_steps,
+                           budget, time_limit, dtype, seed)
