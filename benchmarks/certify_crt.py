@@ -141,8 +141,12 @@ def main() -> None:
     for solver in () if args.only_crt else ("closed", "one-sided", "convex"):
         certifier = Certifier(net, x[:1], bound_fn=bf, solver=solver)
         t0 = time.perf_counter()
-        parts = [certifier(x[s : s + args.batch_size], y[s : s + args.batch_size])
-                 for s in range(0, len(x), args.batch_size)]
+        parts = []
+        for s in range(0, len(x), args.batch_size):
+            parts.append(certifier(x[s : s + args.batch_size], y[s : s + args.batch_size]))
+            if len(x) > 1000 and (s // args.batch_size) % 10 == 9:  # long runs: progress
+                print(f"  {solver}: {s + args.batch_size}/{len(x)} images, "
+                      f"{time.perf_counter() - t0:.0f} s", flush=True)
         dt = (time.perf_counter() - t0) / len(x)
         cert = parts[0].cat(parts)
         accs = [cert.certified_accuracy(e) for e in args.eps]
@@ -157,6 +161,7 @@ def main() -> None:
         print(f"{solver:10s} " + "  ".join(f"{a:.4f}" for a in accs)
               + "   attack bound " + "  ".join(f"{u:.4f}" for u in upper)
               + f"   {dt:.3f} s/image, {len(adv)} attacks ({flipped} misclassified)")
+        _write(args.out, results)  # after each solver: a long run keeps what it has
     if not args.no_crt:
         t0 = time.perf_counter()
         all_cls, runner = run_crt(net, x, y, k_crt, *args.crt_steps, args.batch_size)
@@ -166,10 +171,14 @@ def main() -> None:
             results["certificates"][name] = {"certified_accuracy": accs, "s_per_image": dt,
                                              "certified": False, "steps": args.crt_steps}
             print(f"{name:18s} " + "  ".join(f"{a:.4f}" for a in accs) + f"   {dt:.3f} s/image")
-    out = Path(args.out)
+    print(f"wrote {_write(args.out, results)}")
+
+
+def _write(path: str, results: dict) -> Path:
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    return out
 
 
 if __name__ == "__main__":
