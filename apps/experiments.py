@@ -375,8 +375,9 @@ def run(name: str, *, epochs: int | None = None, seed: int = 0, data_dir=None,
         "bounds": {"lipschitz": float(bounds.lipschitz), "curvature": float(bounds.curvature),
                    "certified": bool(bounds.certified)},
         "margins": anchored.margin_source,
+        # the settings of this run (``epochs`` is what ran, not the experiment's default budget)
         "training": {**{k: v for k, v in asdict(exp).items() if k not in ("factory", "eps")},
-                     "log": log["epochs"]},
+                     "epochs": epochs, "log": log["epochs"]},
         "torch": torch.__version__,
         "version": _version(),
     }

@@ -60,6 +60,8 @@ def test_smallest_experiment_end_to_end(tmp_path):
     for key in ("experiment", "dataset", "epochs", "seed", "train_seconds", "clean_accuracy",
                 "eps", "certified_accuracy", "attack_upper", "bounds", "version"):
         assert key in rec
+    # the record states the run's own settings: the epochs that ran, one log entry each
+    assert rec["epochs"] == rec["training"]["epochs"] == len(rec["training"]["log"]) == 1
     ca = rec["certified_accuracy"]
     assert set(ca) == {"lipschitz", "curvature", "anchored", "best"}
     for i, _ in enumerate(rec["eps"]):
@@ -86,6 +88,15 @@ def test_docs_tables_come_from_the_stored_records():
         part = [r for r in records if r["dataset"] == dataset]
         if part:
             assert E.records_table(part) in doc, f"docs/experiments.md: stale {dataset} table"
+    for r in records:
+        assert r["epochs"] == r["training"]["epochs"] == len(r["training"]["log"]), r["experiment"]
+    longer = [json.loads(p.read_text()) for p in sorted((RECORDS / "longer").glob("*.json"))]
+    if longer:
+        assert E.records_table(longer) in doc, "docs/experiments.md: stale table of longer runs"
+        for r in longer:  # a longer run of an experiment whose shorter run is recorded
+            assert r["experiment"] in {s["experiment"] for s in records}
+            short = next(s for s in records if s["experiment"] == r["experiment"])
+            assert r["epochs"] > short["epochs"]
 
 
 def test_the_public_module_re_exports_the_application():
