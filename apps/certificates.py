@@ -87,6 +87,7 @@ __all__ = [
     "certify_dataset",
     "lipschitz_radius",
     "curvature_radius",
+    "capped_radius",
     "attack_distance",
 ]
 
@@ -135,7 +136,10 @@ class Certificate:
     - ``margin``: gap between the top logit and the runner-up;
     - ``lipschitz_radius``, ``curvature_radius``: the two certified radii (theory §6);
     - ``radius``: the best valid one (0 when misclassified): the prediction provably does not
-      change under any perturbation of ℓ2 norm < radius;
+      change under any perturbation of ℓ2 norm < radius; it includes the combined radius
+      (``combined_radius``, :func:`capped_radius` per class: the slope bound min(L_i, g_i + M_i·t)
+      uses both constants at once, so it is never below either and strictly above m/L where
+      g_i < L_i);
     - ``attack_radius``: t* of the attack certificate, an upper bound on the distance to the
       nearest adversarial example (the points at distance t ∈ (t*, t**) along the margin
       gradient are adversarial); inf when there is none, 0 when misclassified;
@@ -174,6 +178,9 @@ class Certificate:
     error: float = 0.0
     solver: str = "closed"
     convex_radius: Tensor | None = None
+    #: per class the radius of :func:`capped_radius` (slope bound min(L_i, g_i + M_i·t)), the
+    #: minimum over classes; ``radius`` is the largest of this and the two radii above
+    combined_radius: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.predicted)
@@ -474,7 +481,11 @@ class Certifier:
         r_curv = r_i.amin(dim=1) * _DOWN
         if not self.curvature_used:
             r_curv = torch.zeros_like(r_curv)
-        radius = torch.maximum(r_lip, r_curv)
+            r_both = r_curv
+        else:  # both constants per class: ≥ either radius, > m/L wherever g < L
+            r_both = torch.where(is_p, inf, torch.maximum(
+                r_i, capped_radius(m_lo, g_hi, lip, curv))).amin(dim=1) * _DOWN
+        radius = torch.maximum(torch.maximum(r_lip, r_curv), r_both)
         if correct is not None:
             radius = torch.where(correct, radius, torch.zeros_like(radius))
         # attack certificates
@@ -537,6 +548,7 @@ class Certifier:
             error=self.error,
             solver=self.solver if self.curvature_used else "closed",
             convex_radius=None if convex is None else torch.where(is_p, inf, convex[0]),
+            combined_radius=r_both,
         )
 
     def _convex(self, x: Tensor, pred: Tensor, correct: Tensor | None):
@@ -608,6 +620,34 @@ def curvature_radius(m: Tensor, g: Tensor, curvature: Tensor) -> Tensor:
     """
     r = 2 * m / (g + torch.sqrt(g * g + 2 * curvature * m))
     return torch.where(torch.isinf(curvature), torch.zeros_like(r), r)
+
+
+def capped_radius(m: Tensor, g: Tensor, lipschitz: Tensor, curvature: Tensor) -> Tensor:
+    """The certified radius of a margin that uses both constants (theory §6, combined per class).
+
+    Along any unit direction u the margin's slope is at least −‖∇φ(x + tu)‖ ≥ −min(L, g + M·t):
+    the gradient norm is at most L everywhere and moves by at most M·t from g (for an anchored M,
+    from the anchor x; with a one-sided K, ∇²φ ⪰ −K·I bounds the directional slope the same way).
+    So the gap m cannot close before r, the root of ∫₀^r min(L, g + M·t) dt = m: the curvature
+    radius while r ≤ t* = (L − g)/M, else t* + (m − (L² − g²)/(2M))/L. It is never below either
+    the Lipschitz radius m/L or the curvature radius, and strictly above m/L whenever g < L.
+
+    >>> m, g, L, M = (torch.tensor(v) for v in (1.0, 0.5, 1.0, 1.0))
+    >>> [round(float(r), 6) for r in (lipschitz_radius(m, L), curvature_radius(m, g, M),
+    ...                               capped_radius(m, g, L, M))]
+    [1.0, 1.0, 1.125]
+    """
+    gl = torch.minimum(g, lipschitz)
+    rising = (lipschitz > gl) & (curvature > 0)
+    safe_m = torch.where(rising, curvature, torch.ones_like(curvature))
+    t_star = torch.where(rising, (lipschitz - gl) / safe_m, torch.zeros_like(gl))
+    # the area under the slope bound up to t*: g·t* + M·t*²/2 = (L² − g²)/(2M); ∞ when M = 0
+    area = torch.where(rising, (lipschitz - gl) * (lipschitz + gl) / (2 * safe_m),
+                       torch.zeros_like(gl))
+    area = torch.where((curvature == 0) & (lipschitz > gl), torch.full_like(gl, math.inf), area)
+    r_curv = curvature_radius(m, gl, curvature)
+    r_tail = t_star + (m - area).clamp_min(0) / lipschitz
+    return torch.where(m <= area, r_curv, r_tail)
 
 
 def attack_distance(m: Tensor, g: Tensor, curvature: Tensor) -> Tensor:

@@ -16,7 +16,12 @@ from torch import nn
 import curvbound
 from curvbound.apps import data
 from curvbound.apps.attacks import pgd_l2
-from curvbound.apps.certificates import attack_distance, curvature_radius, lipschitz_radius
+from curvbound.apps.certificates import (
+    attack_distance,
+    capped_radius,
+    curvature_radius,
+    lipschitz_radius,
+)
 from curvbound.apps.empirical import Margin, curvature_lower_bound
 
 F64 = torch.float64
@@ -59,6 +64,51 @@ def test_curvature_beats_lipschitz_exactly_when_m_below_threshold():
         assert bool(wins.all()) if beats else not bool(wins.any())
     r = curvature_radius(m, g, threshold)  # equality at the threshold
     assert torch.allclose(r, m / L, rtol=1e-12)
+
+
+def _capped_root_by_bisection(m, g, L, M, steps=200):
+    """The root of m − ∫₀^r min(L, g + M·t) dt, by bisection (not the closed form)."""
+
+    def area(r):  # ∫₀^r min(L, g + M t) dt, split at the kink numerically
+        kink = torch.clamp((L - g) / M, min=torch.zeros_like(r), max=r)
+        return g * kink + M * kink**2 / 2 + L * (r - kink)
+
+    lo, hi = torch.zeros_like(m), m / torch.minimum(g, L) + 1
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        below = area(mid) < m
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    return lo
+
+
+def test_capped_radius_is_the_root_of_the_capped_slope_bound():
+    m, g, M = _draw(seed=4)
+    gen = torch.Generator().manual_seed(5)
+    L = g * (1 + torch.rand(len(g), generator=gen, dtype=F64) * 3)  # L ≥ g
+    r = capped_radius(m, g, L, M)
+    ref = _capped_root_by_bisection(m, g, L, M)
+    assert torch.allclose(r, ref, rtol=1e-10)
+    # never below either radius; strictly above m/L (g < L here)
+    assert (r >= lipschitz_radius(m, L) * (1 - 1e-14)).all()
+    assert (r >= curvature_radius(m, g, M) * (1 - 1e-14)).all()
+    assert (r > lipschitz_radius(m, L)).all()
+    # and it is attained: the 1-D margin m − ∫ min(L, g + M·s) ds has slope norm ≤ L and a slope
+    # that is M-Lipschitz, and it is 0 exactly at r; a hair beyond, it is negative
+    t = r * (1 + 1e-6)
+    kink = torch.clamp((L - g) / M, max=t)
+    assert (m - (g * kink + M * kink**2 / 2 + L * (t - kink)) < 0).all()
+
+
+def test_capped_radius_limits():
+    m, g, M = _draw(seed=6)
+    L = 2 * g
+    inf = torch.full_like(m, math.inf)
+    assert torch.allclose(capped_radius(m, g, L, inf), m / L, rtol=1e-14)  # M = ∞: Lipschitz only
+    assert torch.allclose(capped_radius(m, g, inf, M), curvature_radius(m, g, M), rtol=1e-14)
+    assert torch.allclose(capped_radius(m, g, L, torch.zeros_like(m)), m / g, rtol=1e-14)
+    assert torch.allclose(capped_radius(m, g, g, torch.zeros_like(m)), m / g, rtol=1e-14)
+    # a gradient norm above L (rounding) is clipped to L: the slope is L from the start
+    assert torch.allclose(capped_radius(m, 3 * g, L, M), m / L, rtol=1e-14)
 
 
 def test_attack_distance_is_the_smaller_root_of_the_lower_model():
@@ -125,7 +175,13 @@ def test_certificate_fields(trained):
     wrong = ~cert.correct
     assert (cert.radius[wrong] == 0).all() and (cert.attack_radius[wrong] == 0).all()
     best = torch.maximum(cert.lipschitz_radius, cert.curvature_radius)
-    assert torch.equal(cert.radius[cert.correct], best[cert.correct])
+    both = torch.maximum(best, cert.combined_radius)
+    assert torch.equal(cert.radius[cert.correct], both[cert.correct])
+    # the combined radius (slope bound min(L_i, g_i + M_i t) per class, checked by PGD below)
+    # beats the Lipschitz radius wherever a margin gradient is below its L_i
+    ok = cert.correct
+    assert (cert.combined_radius[ok] >= best[ok]).all()
+    assert (cert.combined_radius[ok] > cert.lipschitz_radius[ok]).float().mean() > 0.5
     assert (cert.radius <= cert.attack_radius).all()
     assert (cert.radius[cert.correct] > 0).all()
     assert "pairwise" in cert.margin_source
