@@ -375,6 +375,8 @@ def run(name: str, *, epochs: int | None = None, seed: int = 0, data_dir=None,
         "bounds": {"lipschitz": float(bounds.lipschitz), "curvature": float(bounds.curvature),
                    "certified": bool(bounds.certified)},
         "margins": anchored.margin_source,
+        # what "best" takes the largest of, per image (the combined radius: Certificate.radius)
+        "best_of": ["lipschitz", "curvature", "anchored", "combined"],
         # the settings of this run (``epochs`` is what ran, not the experiment's default budget)
         "training": {**{k: v for k, v in asdict(exp).items() if k not in ("factory", "eps")},
                      "epochs": epochs, "log": log["epochs"]},

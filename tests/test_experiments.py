@@ -62,6 +62,7 @@ def test_smallest_experiment_end_to_end(tmp_path):
         assert key in rec
     # the record states the run's own settings: the epochs that ran, one log entry each
     assert rec["epochs"] == rec["training"]["epochs"] == len(rec["training"]["log"]) == 1
+    assert rec["best_of"] == ["lipschitz", "curvature", "anchored", "combined"]
     ca = rec["certified_accuracy"]
     assert set(ca) == {"lipschitz", "curvature", "anchored", "best"}
     for i, _ in enumerate(rec["eps"]):
