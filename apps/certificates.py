@@ -309,12 +309,17 @@ class Certifier:
         method: str = "compositional",
         solver: str = "convex",
         convex_steps: tuple[int, int] = (14, 12),
+        radius_cap: float | None = None,
     ):
         if solver not in SOLVERS:
             raise InputError(
                 f"solver must be one of {', '.join(map(repr, SOLVERS))}, got {solver!r}"
             )
         self.solver, self.convex_steps = solver, tuple(convex_steps)
+        if radius_cap is not None and not (float(radius_cap) > 0):
+            raise InputError(f"radius_cap must be a positive radius or None, got {radius_cap!r}")
+        #: the convex solver skips margins whose closed-form radius already exceeds this
+        self.radius_cap = None if radius_cap is None else float(radius_cap)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         example, _ = _check_batch(example, None)
@@ -476,7 +481,12 @@ class Certifier:
         correct = None if y is None else pred == y
         convex = None
         if self.solver == "convex" and self.curvature_used:
-            convex = self._convex(x64.detach(), pred, correct)
+            need = None
+            if self.radius_cap is not None:  # margins that cannot decide a radius ≤ the cap
+                closed = torch.maximum(torch.maximum(r_i, lipschitz_radius(m_lo, lip)),
+                                       capped_radius(m_lo, g_hi, lip, curv))
+                need = closed * _DOWN <= self.radius_cap
+            convex = self._convex(x64.detach(), pred, correct, need)
             r_i = torch.maximum(r_i, torch.where(is_p, inf, convex[0]))
         r_curv = r_i.amin(dim=1) * _DOWN
         if not self.curvature_used:
@@ -551,10 +561,12 @@ class Certifier:
             combined_radius=r_both,
         )
 
-    def _convex(self, x: Tensor, pred: Tensor, correct: Tensor | None):
-        """The convex certificate of every margin f_p − f_i (runtime/convex.py): per (B, K) the
-        radius lower bound (0 where not computed), and per sample the nearest verified adversarial
-        point (distance ∞ where none), its point and its class."""
+    def _convex(self, x: Tensor, pred: Tensor, correct: Tensor | None,
+                need: Tensor | None = None):
+        """The convex certificate of every margin f_p − f_i (runtime/convex.py), or of those
+        where ``need`` (B, K) holds: per (B, K) the radius lower bound (0 where not computed),
+        and per sample the nearest verified adversarial point (distance ∞ where none), its point
+        and its class."""
         if self._plain is None:
             # the float64 (smooth-twin) copy the certificates' gradients come from; called
             # through its graph module so that the solver's steps are not counted as samples
@@ -571,6 +583,8 @@ class Certifier:
         keep = cls != pred[rows]
         if correct is not None:
             keep = keep & correct[rows]
+        if need is not None:
+            keep = keep & need[rows, cls]
         rows, cls = rows[keep], cls[keep]
         p = pred[rows]
         k_neg = self.pair_neg_curvature[p, cls]
@@ -780,6 +794,7 @@ def certify(
     curvature: bool | None = None,
     method: str = "compositional",
     solver: str = "convex",
+    radius_cap: float | None = None,
 ) -> Certificate:
     """Certified radii and attack certificates for the batch ``x`` (theory §6–§7).
 
@@ -801,6 +816,10 @@ def certify(
             whose primal points also serve as attack certificates; ``"one-sided"``: the closed
             form with the one-sided constants ``bf.margins().neg_curvature`` where they are
             smaller; ``"closed"``: the paper's closed form with two-sided constants (fastest).
+        radius_cap: with the convex solver, solve only the margins whose closed-form radius is
+            ≤ this radius (e.g. the largest ε you report): every radius stays sound, radii above
+            the cap may be the closed form's, and the certified accuracy at every ε ≤ the cap is
+            exactly the uncapped one (a margin certified beyond the cap certifies every such ε).
 
     Returns:
         a :class:`Certificate` (see the module docstring for an example).
@@ -808,7 +827,7 @@ def certify(
     _check_batch(x, y)  # lengths, labels' dtype, NaN samples: before any compile work
     cert = Certifier(
         model, x, bound_fn=bound_fn, local=local, norms=norms, curvature=curvature, method=method,
-        solver=solver,
+        solver=solver, radius_cap=radius_cap,
     )
     return cert(x, y)
 
@@ -827,12 +846,14 @@ def certify_dataset(
     progress: bool = True,
     solver: str = "convex",
     distributed: bool | None = None,
+    radius_cap: float | None = None,
 ) -> Certificate:
     """Certify a dataset batch by batch and return the concatenated :class:`Certificate`.
 
     ``loader`` yields ``(x, y)`` pairs or bare ``x`` batches (a ``DataLoader`` or any iterable);
     the bound is compiled once from the first batch. ``limit`` stops after that many samples;
-    ``progress`` prints a one-line progress report on stderr.
+    ``progress`` prints a one-line progress report on stderr; ``solver`` and ``radius_cap`` are
+    :func:`certify`'s.
 
     Under ``torch.distributed`` (a process group of several ranks, or a process started by
     torchrun) each rank certifies every W-th batch of the same loader and every rank returns the
@@ -869,6 +890,7 @@ def certify_dataset(
                 curvature=curvature,
                 method=method,
                 solver=solver,
+                radius_cap=radius_cap,
             )
         parts.append(certifier(x, y))
         done += len(x)

@@ -117,6 +117,34 @@ def test_pgd_never_succeeds_inside_the_convex_radius(case):
     assert hit.double().mean() >= 0.5  # and the attack is not vacuous at the attack radius
 
 
+def test_radius_cap_solves_fewer_margins_and_keeps_every_certified_accuracy_below_it(
+        case, monkeypatch):
+    name, net, x, cert, closed, one, dist = case
+    from curvbound.apps import certificates as C
+
+    solved = []
+    real = C.convex_radii
+
+    def counting(fn, x0, *args, **kwargs):
+        solved.append(len(x0))
+        return real(fn, x0, *args, **kwargs)
+
+    monkeypatch.setattr(C, "convex_radii", counting)
+    cap = float(cert.radius[cert.radius > 0].median())
+    bf = curvbound.compile(net, x[:1], norms="certified", anchored=True)
+    capped = curvbound.certify(net, x, bound_fn=bf, radius_cap=cap)
+    everything = curvbound.certify(net, x, bound_fn=bf)
+    assert len(solved) == 2 and 0 < solved[0] < solved[1]  # the cap skips margins
+    assert torch.equal(everything.radius, cert.radius)
+    # (a solved margin's radius can differ in the last bits with the batch it was solved in)
+    assert (capped.radius <= cert.radius * (1 + 1e-9)).all()
+    assert (capped.radius >= one.radius * (1 - 1e-9)).all()
+    for eps in torch.linspace(0, cap, 9).tolist():
+        assert capped.certified_accuracy(eps) == cert.certified_accuracy(eps)
+    with pytest.raises(curvbound.InputError, match="radius_cap must be a positive radius"):
+        curvbound.certify(net, x, bound_fn=bf, radius_cap=0.0)
+
+
 def test_dual_bound_of_a_quadratic_margin_is_exact():
     """φ(x) = 1 − x₁ − (k/2)x₁² (∇²φ ⪰ −k·I): strong duality holds (one quadratic constraint, the
     KKT multiplier 2t/(1 + kt) < 2/k), so the bound reaches the distance t, the positive root of
