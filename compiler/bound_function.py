@@ -692,7 +692,12 @@ class CompiledBound:
             )
         self.bf = bf
         self.backend, self.options = backend, dict(options)
-        self._plan = StepPlan(list(bf.quantities.values()))
+        self._setup()
+
+    def _setup(self) -> None:
+        # what the graphs step and read; again after bf.recompile() (new quantities)
+        self._quantities = self.bf.quantities
+        self._plan = StepPlan(list(self.bf.quantities.values()))
         self._fns: dict[int, Callable[[], tuple]] = {}
 
     def _entry(self, steps: int) -> Callable[[], tuple]:
@@ -721,6 +726,8 @@ class CompiledBound:
             raise InputError(f"refresh must be a whole number ≥ 0, got {refresh!r}")
         bf = self.bf
         bf.check_model()
+        if bf.quantities is not self._quantities:
+            self._setup()
         try:
             for q in self._plan.other:  # quantities with steps of their own: eagerly
                 q.step(int(refresh))
