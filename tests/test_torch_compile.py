@@ -174,3 +174,15 @@ def test_inductor_matches_eager():
 def test_docstring_examples_of_the_compiled_steps():
     result = doctest.testmod(compiled_steps, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_compiled_follows_a_recompiled_bound():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    bf = curvbound.compile(model, torch.zeros(1, 3))
+    cb = bf.compiled(backend="eager")
+    cb(refresh=1)
+    model[0] = nn.Linear(3, 4)
+    with pytest.raises(curvbound.StaleBoundError):
+        cb()
+    bf.recompile()
+    assert float(cb(refresh=1).curvature) == pytest.approx(float(bf().curvature), rel=1e-6)
