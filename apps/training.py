@@ -116,6 +116,11 @@ class CurvaturePenalty:
             penalty's gradient shrinks the weights along the very vector that measures them, and
             the estimate falls behind (docs/training.md has the measurements).
         bound_fn: an estimate-mode bound compiled from this model, to reuse instead of compiling.
+        torch_compile: a ``torch.compile`` backend (``"inductor"``, ``"aot_eager"``, ...) to run
+            the refresh steps and the bound as one compiled graph (``bf.compiled``, docs/api.md),
+            or None (eager). Same values and gradients; the first call compiles, and the graph
+            unrolls the ``refresh_steps`` steps, so compile time grows with them (on MNIST 6F:
+            docs/benchmarks.md). Not with ``margins=True``.
 
     ``pen.value`` is the last M (detached, estimated from below by power iteration).
     """
@@ -133,6 +138,7 @@ class CurvaturePenalty:
         margins: bool = False,
         refresh_steps: int = REFRESH_STEPS,
         bound_fn: BoundFunction | None = None,
+        torch_compile: str | None = None,
     ):
         inner = unwrap_model(model)
         if not isinstance(inner, nn.Module):
@@ -161,7 +167,14 @@ class CurvaturePenalty:
                 f"the model's curvature bound is infinite (not C¹ at {where}): use smooth "
                 "activations (tanh, softplus, ...) to train with a curvature penalty"
             )
+        if torch_compile is not None and margins:
+            raise InputError(
+                "torch_compile is not available with margins=True: the pairwise margins are "
+                "evaluated eagerly (bf.margins); use margins=False or torch_compile=None"
+            )
         self.model, self.bound = inner, bound_fn
+        self.torch_compile = torch_compile
+        self._compiled = None if torch_compile is None else bound_fn.compiled(torch_compile)
         self.weight, self.target = float(weight), target
         self.dual_lr, self.weight_min = float(dual_lr), float(weight_min)
         self.margins, self.refresh_steps = bool(margins), int(refresh_steps)
@@ -194,6 +207,10 @@ class CurvaturePenalty:
 
     def __call__(self) -> Tensor:
         """Advance the power iterations by ``refresh_steps`` and return ``weight·M``."""
+        if self._compiled is not None:  # the steps and the bound in one compiled graph
+            m = self._compiled(refresh=self.refresh_steps).curvature
+            self.value = float(m.detach())
+            return (self.weight * m).to(self._dtype)
         if self.refresh_steps:
             self.bound.refresh(self.refresh_steps)
         m = self.curvature()

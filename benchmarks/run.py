@@ -71,6 +71,8 @@ def _worker(task: str, quick: bool, repeats: int) -> dict:
                 "M": float(out.curvature)}
     if kind == "penalty":
         return _penalty(curvbound, model, x, label, repeats)
+    if kind == "tcompile":
+        return _tcompile(curvbound, model, x, label, repeats)
     raise ValueError(task)
 
 
@@ -129,6 +131,78 @@ def _penalty(curvbound, model, x, label: str, repeats: int) -> dict:
     p, q, r = (statistics.median(v) for v in zip(*rounds))
     return {"label": label, "plain_step_s": p, "penalised_step_s": q, "penalty_call_s": r,
             "ratio": q / p, **ops}
+
+
+def _tcompile(curvbound, model, x, label: str, repeats: int, backend: str = "inductor") -> dict:
+    """``bf.compiled()`` against ``bf``: the training step with the penalty (bf(refresh=1) /
+    cb(refresh=1) value + backward, batch 256) over the plain step, eager and compiled; the first
+    compiled call (compile time, wall and CPU); graphs, graph breaks and recompiles over the
+    timed calls; torch ops per eager call and ops in the captured graph."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    bf = curvbound.compile(model, x)
+    cb = bf.compiled(backend=backend)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+    g = torch.Generator().manual_seed(0)
+    xb = torch.randn(256, *x.shape[1:], generator=g)
+    yb = torch.randint(0, 10, (256,), generator=g)
+
+    def step(pen):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(xb), yb)
+        if pen is not None:
+            loss = loss + pen(refresh=1).curvature
+        loss.backward()
+        opt.step()
+
+    def median(fn):
+        fn()
+        ts = []
+        for _ in range(repeats):
+            t = time.process_time()
+            fn()
+            ts.append(time.process_time() - t)
+        return statistics.median(ts)
+
+    counters.clear()
+    t0, c0 = time.perf_counter(), time.process_time()
+    first = cb(refresh=1)
+    first.curvature.backward()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    captured = counters["stats"]["calls_captured"]
+    eager_value = float(bf().curvature)
+    rounds = [(median(lambda: step(None)), median(lambda: step(bf)), median(lambda: step(cb)))
+              for _ in range(3)]
+    p, e, c = (statistics.median(v) for v in zip(*rounds))
+    _, ops = _count_ops(lambda: bf(refresh=1).curvature.backward())
+    return {"label": label, "backend": backend, "first_call_wall_s": wall,
+            "first_call_cpu_s": cpu, "plain_step_s": p, "eager_step_s": e,
+            "compiled_step_s": c, "eager_ratio": e / p, "compiled_ratio": c / p,
+            "graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values()),
+            "recompiles": sum(counters["recompiles"].values()) if "recompiles" in counters
+            else 0,
+            "ops_eager_refresh1": ops, "ops_captured_refresh1": captured,
+            "M_compiled_first": float(first.curvature), "M_eager": eager_value}
+
+
+def _count_ops(fn):
+    """Run ``fn`` counting the torch (aten) ops it dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count() as c:
+        out = fn()
+    return out, c.n
 
 
 # ----------------------------------------------------------------------------- orchestration
@@ -199,6 +273,11 @@ def _table(results: dict, baseline: str | None) -> str:
         label = cur.get(task, {}).get("label") or base.get(task, {}).get("label") or task
         if kind == "compile":
             row(f"compile (norms='estimate', CPU time), {label}", "cpu_s", task)
+        elif kind == "tcompile":
+            row(f"bf.compiled(): first call (compile), wall, {label}", "first_call_wall_s", task)
+            row(f"step with the penalty / plain step, eager bf, {label}", "eager_ratio", task, "")
+            row(f"step with the penalty / plain step, compiled, {label}", "compiled_ratio",
+                task, "")
         else:
             row(f"penalty call bf(refresh=1) value + backward, {label}", "penalty_call_s", task)
             row(f"training step with the penalty / plain step (batch 256), {label}", "ratio",

@@ -15,8 +15,10 @@ import sympy
 import torch
 from torch import Tensor, fx, nn
 
+from ..runtime.compiled_steps import StepPlan
 from ..runtime.converge import converge
 from ..runtime.norms import Norm, Quantity, shared_evaluation
+from ..runtime.products import HadamardNorm
 from . import report
 from .errors import (
     InputError,
@@ -31,6 +33,7 @@ from .naming import node_label
 __all__ = [
     "Bounds",
     "BoundFunction",
+    "CompiledBound",
     "CompileSpec",
     "ModelStructure",
     "check_finite_samples",
@@ -526,10 +529,14 @@ class BoundFunction(nn.Module):
         stay from below. Returns the steps run; ``self.last_convergence`` holds the report.
         """
         norms = [q for q in self.quantities.values() if isinstance(q, Norm) and not q.certified]
+        blocks = [q for q in self.quantities.values()
+                  if isinstance(q, HadamardNorm) and not q.certified]
         if steps is not None:
-            for q in norms:
+            for q in norms + blocks:
                 q.step(steps)
             return steps
+        for q in blocks:  # the block norms' eigenvectors directly (one small eigensolve each)
+            q.settle()
 
         # quantities without iteration state (e.g. the eigenvalue of a block norm) once
         static = {id(q): q() for q in self.modules() if isinstance(q, Quantity) and q.static}
@@ -542,6 +549,24 @@ class BoundFunction(nn.Module):
         report = converge(norms, bound, tol=tol, max_steps=max_steps, progress=progress)
         self.last_convergence = report
         return report.steps
+
+    def compiled(self, backend: str | Callable = "inductor", **options: Any) -> CompiledBound:
+        """This bound under ``torch.compile``: a :class:`CompiledBound`, called like ``bf``
+        (``cb()``, ``cb(refresh=k)``), evaluating the power/Lanczos steps and the bound code as
+        one captured graph (no graph breaks, no recompiles across calls with the same ``k``).
+        Estimate mode only (certified norms are exact float64 computations, cached: an
+        :class:`~curvbound.InputError` says so). ``backend`` and ``options`` go to
+        :func:`torch.compile`; ``"eager"``/``"aot_eager"`` check capture without code
+        generation.
+
+        Example:
+            >>> import torch, curvbound
+            >>> net = curvbound.zoo.mlp([4, 8, 3], torch.nn.Tanh)
+            >>> cb = curvbound.compile(net, torch.zeros(1, 4)).compiled(backend="eager")
+            >>> cb(refresh=1)
+            Bounds(lipschitz=..., curvature=..., estimated)
+        """
+        return CompiledBound(self, backend, **options)
 
     # -- views ----------------------------------------------------------------------------------
     def _latest(self) -> Bounds:
@@ -634,6 +659,96 @@ class BoundFunction(nn.Module):
 
     def extra_repr(self) -> str:
         return f"model={type(self.model).__name__}, method={self.method}, norms={self.norms}"
+
+
+class CompiledBound:
+    """``torch.compile`` of an estimate-mode bound function; create it with
+    :meth:`BoundFunction.compiled <curvbound.compiler.bound_function.BoundFunction.compiled>`.
+
+    Same values as ``bf(refresh=k)`` up to float rounding, the same gradients in the model's
+    parameters, the same power-iteration state (the buffers of ``bf``, advanced in place).
+    ``backend`` and the other keyword arguments go to :func:`torch.compile`; the first call of
+    each distinct ``refresh`` compiles (seconds with ``"inductor"``).
+
+    Example:
+        >>> import torch, curvbound
+        >>> net = curvbound.zoo.mlp([4, 8, 3], torch.nn.Tanh)
+        >>> bf = curvbound.compile(net, torch.zeros(1, 4))
+        >>> cb = bf.compiled(backend="eager")
+        >>> a = cb(refresh=1)
+        >>> b = bf()           # the same state, evaluated eagerly
+        >>> bool(torch.allclose(a.curvature, b.curvature))
+        True
+    """
+
+    def __init__(self, bf: BoundFunction, backend: str | Callable = "inductor", **options: Any):
+        if bf.norms != "estimate":
+            raise InputError(
+                "bf.compiled() compiles estimate-mode bounds only: a certified bound "
+                f"(norms={bf.norms!r}) is float64 exact SVDs and other one-off computations, "
+                "cached until a parameter changes, so there is nothing to gain, and its "
+                "soundness rests on the eager float64 arithmetic, which a compiler must not "
+                "rewrite. Call bf() as it is, or compile with norms='estimate' for training."
+            )
+        self.bf = bf
+        self.backend, self.options = backend, dict(options)
+        self._setup()
+
+    def _setup(self) -> None:
+        # what the graphs step and read; again after bf.recompile() (new quantities)
+        self._quantities = self.bf.quantities
+        self._plan = StepPlan(list(self.bf.quantities.values()))
+        self._fns: dict[int, Callable[[], tuple]] = {}
+
+    def _entry(self, steps: int) -> Callable[[], tuple]:
+        fn = self._fns.get(steps)
+        if fn is None:
+            bf, plan = self.bf, self._plan
+
+            def bound() -> tuple:
+                if steps:
+                    plan.run(steps)
+                q = dict(bf.quantities.items())
+                with shared_evaluation():
+                    L, M, nodes = bf._fn(q)
+                    errors = bf._error_fn(q) if bf._error_fn is not None else {}
+                return L, M, nodes, errors
+
+            fn = torch.compile(bound, backend=self.backend, **self.options)
+            self._fns[steps] = fn
+        return fn
+
+    def __call__(self, refresh: int = 0) -> Bounds:
+        """Evaluate the bounds; ``refresh=k`` first advances every power iteration by k steps
+        (inside the compiled graph). Raises what ``bf()`` raises on a changed or non-finite
+        model."""
+        if refresh < 0 or int(refresh) != refresh:
+            raise InputError(f"refresh must be a whole number ≥ 0, got {refresh!r}")
+        bf = self.bf
+        bf.check_model()
+        if bf.quantities is not self._quantities:
+            self._setup()
+        try:
+            for q in self._plan.other:  # quantities with steps of their own: eagerly
+                q.step(int(refresh))
+            L, M, nodes, errors = self._entry(int(refresh))()
+        except (ValueError, RuntimeError) as exc:
+            bf._check_params(exc)
+            raise
+        if _nonfinite(L, M):
+            bf._check_params()
+        L, M = _tensor(L), _tensor(M)
+        nodes = {k: (_tensor(a), _tensor(b)) for k, (a, b) in nodes.items()}
+        error = _tensor(errors[bf.output]) if bf.output in errors else _zero()
+        out = Bounds(L, M, bf.certified, nodes, error)
+        bf._last = Bounds(
+            L.detach(), M.detach(), out.certified,
+            {k: (a.detach(), b.detach()) for k, (a, b) in nodes.items()}, error.detach(),
+        )
+        return out
+
+    def __repr__(self) -> str:
+        return f"CompiledBound({self.bf!r}, backend={self.backend!r})"
 
 
 def _rebuild(model: nn.Module, spec: CompileSpec, state: dict[str, Tensor]) -> BoundFunction:

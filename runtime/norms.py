@@ -31,6 +31,9 @@ MODES = ("estimate", "certified")
 
 #: The values computed in the current :func:`shared_evaluation` block, by quantity id.
 _SHARED: ContextVar[dict[int, object] | None] = ContextVar("curvbound_shared", default=None)
+#: The same under torch.compile (dynamo cannot trace a ContextVar): a stack of plain dicts, which
+#: dynamo tracks, so that every quantity is one node of the captured graph, read by every reader.
+_TRACED: list[dict[int, object]] = []
 
 
 @contextmanager
@@ -50,6 +53,16 @@ def shared_evaluation(known: dict[int, object] | None = None) -> Iterator[None]:
     >>> a is b, n() is n()
     (True, False)
     """
+    if torch.compiler.is_compiling():
+        if _TRACED:
+            yield
+            return
+        _TRACED.append(dict(known or {}))
+        try:
+            yield
+        finally:
+            _TRACED.pop()
+        return
     if _SHARED.get() is not None:
         yield
         return
@@ -72,7 +85,10 @@ class Quantity(nn.Module):
     static: bool = False
 
     def __call__(self, *args, **kwargs):
-        memo = _SHARED.get()
+        if torch.compiler.is_compiling():
+            memo = _TRACED[-1] if _TRACED else None
+        else:
+            memo = _SHARED.get()
         if memo is None or args or kwargs:
             return super().__call__(*args, **kwargs)
         key = id(self)
@@ -82,6 +98,10 @@ class Quantity(nn.Module):
 
     def step(self, steps: int = 1) -> None:
         """Advance internal iterative state (no-op by default)."""
+
+    def settle(self) -> None:
+        """Set iteration state to its exact value where a direct solve is cheap (no-op by
+        default); ``bf.refresh()`` calls it before converging the power iterations."""
 
     def forward(self) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

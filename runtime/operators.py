@@ -81,6 +81,10 @@ def precise(t: Tensor) -> Tensor:
 
     Getters of derived tensors call it on their inputs, e.g. ``precise(bn.running_var)``.
     """
+    # under torch.compile (estimate mode only, see BoundFunction.compiled) the block is never
+    # open, and dynamo cannot read a ContextVar without a graph break
+    if torch.compiler.is_compiling():
+        return t
     if _EXACT.get() and t.is_floating_point() and t.dtype != torch.float64:
         return t.double()
     return t

@@ -115,12 +115,42 @@ def matrix_of(op: LinearOperator) -> Tensor:
     """
     if isinstance(op, Dense) and len(op.in_shape) == 1 and len(op.out_shape) == 1:
         return precise(op.weight())
+    dense = _flat_dense(op)
+    if dense is not None:  # e.g. Dense ∘ flatten: the weight itself, no identity pushed through
+        return precise(dense.weight())
     ref = op.tensors()
     dtype = ref[0].dtype if ref and ref[0].is_floating_point() else torch.float64
     dtype = precise(torch.zeros((), dtype=dtype)).dtype
     n = _numel(op.in_shape)
     eye = torch.eye(n, dtype=dtype, device=ref[0].device if ref else None)
     return op.apply(eye.reshape(n, *op.in_shape)).reshape(n, -1).T
+
+
+def _flat_dense(op: LinearOperator) -> Dense | None:
+    """The one dense layer of a chain whose other factors only reshape in flat order (flatten,
+    view), so that its weight is the chain's matrix; else None. Decided once per chain."""
+    if not isinstance(op, Chain):
+        return None
+    if "_flat_dense" not in op.__dict__:
+        found = None
+        core = op.core
+        if len(core) == 1 and isinstance(core[0], Dense) and len(core[0].in_shape) == 1 \
+                and len(core[0].out_shape) == 1:
+            found = core[0]
+            with torch.no_grad():
+                for o in op.ops:
+                    if o is found:
+                        continue
+                    if not o.isometric:
+                        found = None
+                        break
+                    n = _numel(o.in_shape)
+                    probe = torch.arange(n, dtype=torch.float64).reshape(1, *o.in_shape)
+                    if not torch.equal(o.apply(probe).reshape(-1), probe.reshape(-1)):
+                        found = None
+                        break
+        op.__dict__["_flat_dense"] = found
+    return op.__dict__["_flat_dense"]
 
 
 class ProductChain(Chain):
@@ -423,12 +453,21 @@ class HadamardNorm(Quantity):
     """‖Â‖ for the block x ↦ G σ(W x + b) (theory §3 (c)): Â maps v to G·diag(v)·W, its column l
     is vec(g_l w_lᵀ), so ‖Â‖² = λ_max(S) with S = (GᵀG) ∘ (WWᵀ) (m×m, m the hidden width).
 
-    Computed from S by a symmetric eigensolver (differentiable; labelled an estimate) or, in
-    certified mode, as ‖Ŝ‖₂ (exact float64 SVD, certified) plus an explicit bound on the rounding
-    of Ŝ, cached until a parameter changes.
+    Estimate mode: √(vᵀSv) for a unit vector ``v`` (a buffer), an estimate from below whose
+    gradient is that of √λ_max(S) once v is the top eigenvector. ``v`` is set to that eigenvector
+    at construction and by :meth:`settle` (``bf.refresh()``), and tracks it by power iteration on
+    S under :meth:`step` (``bf(refresh=k)``): no eigensolver per call. Certified mode: ‖Ŝ‖₂
+    (exact float64 SVD) plus an explicit bound on the rounding of Ŝ, cached until a parameter
+    changes.
+
+    >>> W = torch.tensor([[2.0, 0.0], [0.0, 1.0]]); G = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    >>> h = HadamardNorm(Dense(lambda: G, (2,), (2,)), Dense(lambda: W, (2,), (2,)))
+    >>> round(float(h()), 6)
+    2.0
     """
 
-    static = True  # no iteration state
+    #: no state that the convergence loop changes (``bf.refresh()`` settles ``v`` before it)
+    static = True
 
     def __init__(self, G: LinearOperator, W: LinearOperator, mode: str = "estimate", label=""):
         super().__init__()
@@ -438,17 +477,30 @@ class HadamardNorm(Quantity):
         self.label = label or f"Â[{G.describe()} ∘ σ ∘ {W.describe()}]"
         self.certified = mode == "certified"
         self._cache: tuple[list[Tensor], Tensor] | None = None
+        if not self.certified:
+            ref = G.tensors() + W.tensors()
+            dtype = next((t.dtype for t in ref if t.is_floating_point()), torch.float32)
+            device = ref[0].device if ref else None
+            m = _numel(G.in_shape)
+            self.register_buffer("v", torch.full((m,), m**-0.5, dtype=dtype, device=device))
+            if not any(t.is_meta for t in ref):
+                self.settle()
 
     def matrices(self) -> tuple[Tensor, Tensor]:
         """(G as out×m, W as m×in) matrices of the live parameters."""
         g, w = matrix_of(self.G), matrix_of(self.W)
         return g, w.to(g.dtype)
 
+    def gram(self) -> Tensor:
+        """S = (GᵀG) ∘ (WWᵀ), differentiable in the live parameters."""
+        g, w = self.matrices()
+        return (g.T @ g) * (w @ w.T)
+
     def forward(self) -> Tensor:
         if not self.certified:
-            g, w = self.matrices()
-            s = (g.T @ g) * (w @ w.T)
-            return torch.linalg.eigvalsh(s)[-1].clamp_min(0).sqrt()
+            s = self.gram()
+            v = self.v.to(s.dtype)
+            return (v @ (s @ v)).clamp_min(0).sqrt()
         with exact_arithmetic(), torch.no_grad():
             current = [t.detach().clone() for t in self.G.tensors() + self.W.tensors()]
             if self._cache is not None and len(self._cache[0]) == len(current) and all(
@@ -458,6 +510,32 @@ class HadamardNorm(Quantity):
             value = self._certified()
             self._cache = (current, value)
         return value
+
+    @torch.no_grad()
+    def step(self, steps: int = 1) -> None:
+        """``steps`` power iterations v ← Sv/‖Sv‖ (tensor operations only: no host sync, so
+        ``torch.compile`` captures it; a non-finite or zero step keeps v)."""
+        if self.certified or steps <= 0:
+            return
+        s = self.gram().detach()
+        v = self.v.to(s.dtype)
+        for _ in range(steps):
+            w = s @ v
+            n = w.norm()
+            ok = torch.isfinite(n) & (n > 0)
+            v = torch.where(ok, w / torch.where(ok, n, torch.ones_like(n)), v)
+        self.v.copy_(v.to(self.v.dtype))
+
+    @torch.no_grad()
+    def settle(self) -> None:
+        """v ← the top eigenvector of S (one symmetric eigensolve, float64)."""
+        if self.certified:
+            return
+        s = self.gram().detach().double()
+        if not bool(torch.isfinite(s).all()):
+            return
+        _, vecs = torch.linalg.eigh(s)
+        self.v.copy_(vecs[:, -1].to(self.v.dtype))
 
     def _certified(self) -> Tensor:
         g, w = (t.detach().double() for t in self.matrices())
