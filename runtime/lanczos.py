@@ -42,8 +42,6 @@ Every result is therefore an upper bound on λ_max(Ŝ_b), and where the test suc
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 

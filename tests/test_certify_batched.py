@@ -129,7 +129,7 @@ def test_cholesky_test_rejects_shifts_below_the_top():
     assert (bound[ok] >= 1.0).all() and ok[2]
 
 
-# -- the anchored norms of a compiled model ----------------------------------------------------------
+# -- the anchored norms of a compiled model ------------------------------------------------------
 def _tanh_mlp(width: int = 24) -> nn.Module:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
@@ -187,7 +187,7 @@ def test_gram_cache_follows_in_place_weight_updates():
     torch.testing.assert_close(again, ref, rtol=1e-12, atol=0)
 
 
-# -- margin gradients and the convex solver's adversarial points ---------------------------------------
+# -- margin gradients and the convex solver's adversarial points --------------------------------
 def test_margin_gradients_match_one_pass_per_class():
     model = _tanh_mlp()
     x = torch.randn(17, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
