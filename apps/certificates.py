@@ -700,22 +700,22 @@ def _runner_up_gap(logits: Tensor) -> Tensor:
 
 
 def _margin_gradients(logits: Tensor, x: Tensor, pred: Tensor) -> Tensor:
-    """∇(f_i − f_p)(x) for every class i and sample: (K, B, *input_shape), zero at i = p.
+    """∇(f_i − f_p)(x) for every class i and sample: (K, B, *input_shape).
 
-    K − 1 backward passes over the whole batch: pass j (1 ≤ j < K) takes for sample b the class
-    i = (p_b + j) mod K, cotangent e_i − e_p per sample (no loop over samples, and no pass spent
-    on the zero gradient of i = p). On CPU this is faster than one vmapped pass
-    (``is_grads_batched``), which falls back to slow kernels for convolutions.
+    One backward pass per class over the whole batch, with cotangent e_i − e_p per sample (no loop
+    over samples). On CPU this is faster than one vmapped pass (``is_grads_batched``), which
+    falls back to slow kernels for convolutions. (K − 1 passes, class (p + j) mod K in pass j,
+    would skip the zero gradient of i = p, but scattering their results back into class order
+    cost more than the pass they save: measured, docs/benchmarks.md.)
     """
     b, k = logits.shape
-    eye = torch.eye(k, dtype=logits.dtype, device=logits.device)
-    rows = torch.arange(b, device=logits.device)
-    out = x.new_zeros((k, *x.shape))
-    for j in range(1, k):
-        cls = (pred + j) % k
-        (gi,) = torch.autograd.grad(logits, x, eye[cls] - eye[pred], retain_graph=j + 1 < k)
-        out[cls, rows] = gi
-    return out
+    eye = torch.eye(k, dtype=logits.dtype)
+    cot = eye[:, None, :] - torch.nn.functional.one_hot(pred, k).to(logits.dtype)[None]
+    out = []
+    for i in range(k):
+        (gi,) = torch.autograd.grad(logits, x, cot[i], retain_graph=i + 1 < k)
+        out.append(gi)
+    return torch.stack(out)
 
 
 def _check_batch(x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor | None]:

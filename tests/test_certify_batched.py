@@ -5,7 +5,7 @@
   adversarially clustered spectra, tiny and huge scales, zero rows;
 - the anchored norms of a compiled model against the straightforward per-sample eigenproblem;
 - the Gram cache follows in-place weight updates;
-- the K − 1 margin gradients against one backward pass per class;
+- the margin gradients against one backward pass per class, class by class;
 - the vectorised choice of the convex solver's adversarial points against the loop it replaced.
 """
 
