@@ -607,12 +607,17 @@ class Certifier:
                 at = (self.real(pts)[0] if self.real is not None else fn(pts)).argmax(dim=1)
             ok = at != p[found]
             found, at = found[ok], at[ok]
-            for j, a in zip(found.tolist(), at.tolist()):
-                r = int(rows[j])
-                if res.primal_distance[j] < dist[r]:
-                    dist[r] = res.primal_distance[j]
-                    point[r] = res.primal_points[j]
-                    klass[r] = a
+            # per sample the nearest confirmed point; among equal distances the first problem
+            # (vectorised: a scatter-min of the distances, then of the winners' positions)
+            r_f, d_f = rows[found], res.primal_distance[found]
+            dist.scatter_reduce_(0, r_f, d_f, reduce="amin")
+            win = (d_f == dist[r_f]).nonzero()[:, 0]
+            first = torch.full((b,), len(found), dtype=torch.long)
+            first.scatter_reduce_(0, r_f[win], win, reduce="amin")
+            hit = (first < len(found)).nonzero()[:, 0]
+            j = found[first[hit]]
+            point[hit] = res.primal_points[j]
+            klass[hit] = at[first[hit]]
         return radii, dist, point, klass
 
 
@@ -753,7 +758,9 @@ def _margin_gradients(logits: Tensor, x: Tensor, pred: Tensor) -> Tensor:
 
     One backward pass per class over the whole batch, with cotangent e_i − e_p per sample (no loop
     over samples). On CPU this is faster than one vmapped pass (``is_grads_batched``), which
-    falls back to slow kernels for convolutions.
+    falls back to slow kernels for convolutions. (K − 1 passes, class (p + j) mod K in pass j,
+    would skip the zero gradient of i = p, but scattering their results back into class order
+    cost more than the pass they save: measured, docs/benchmarks.md.)
     """
     b, k = logits.shape
     eye = torch.eye(k, dtype=logits.dtype)

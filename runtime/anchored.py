@@ -46,7 +46,7 @@ import sympy
 import torch
 from torch import Tensor, fx
 
-from .certified import certify
+from .lanczos import lambda_max_upper
 from .norms import Quantity
 from .operators import LinearOperator, exact_arithmetic
 from .products import matrix_of, single_core
@@ -110,7 +110,8 @@ class AnchorState:
         if m <= EXACT_LIMIT and single_core(op) and m * math.prod(op.in_shape) <= 1 << 22:
             gram = lambda: _row_gram(op)  # noqa: E731
         q = AnchoredScaledNorm(
-            self, u.name, table, base, lambda: _row_weights(op, shape), gram, "diag(r)A"
+            self, u.name, table, base, lambda: _row_weights(op, shape), gram, "diag(r)A",
+            tensors=op.tensors,
         )
         out: dict[sympy.Symbol, Quantity] = {sym: q}
         if not base.certified:
@@ -125,7 +126,8 @@ class AnchorState:
             return base
         gram = (lambda: _hadamard_gram(G, W)) if math.prod(G.in_shape) <= EXACT_LIMIT else None
         return AnchoredScaledNorm(
-            self, u.name, table, base, lambda: _hadamard_weights(G, W), gram, "Â"
+            self, u.name, table, base, lambda: _hadamard_weights(G, W), gram, "Â",
+            tensors=lambda: [*G.tensors(), *W.tensors()],
         )
 
     # -- anchors ---------------------------------------------------------------------------------
@@ -180,10 +182,12 @@ class AnchoredScaledNorm(Quantity):
     X = Â, the block's vectorised-Jacobian norm ‖Â·diag(ρ)‖ (theory §3 (c)). Both are
     nondecreasing in every ρ_j (‖X diag(ρ)‖² = max_{‖w‖=1} Σ_j ρ_j²(x_jᵀw)²) and at most ‖X‖.
 
-    - **exact** (``gram`` given, m ≤ :data:`EXACT_LIMIT`): λ_max(diag(ρ)·XᵀX·diag(ρ)) by a batched
-      symmetric eigensolver, plus explicit bounds on the rounding of XᵀX (``gram`` returns it
-      with a bound on ‖XᵀX − Ĝ‖₂) and of the scaling, and the backward error of the eigensolver
-      (:func:`~curvbound.runtime.certified.certify`); about 1 ms per sample at m = 100.
+    - **exact** (``gram`` given, m ≤ :data:`EXACT_LIMIT`): λ_max(diag(ρ)·XᵀX·diag(ρ)) for all
+      samples at once by batched Lanczos, certified by a float64 Cholesky test with its rounding
+      margin (:func:`~curvbound.runtime.lanczos.lambda_max_upper`; a symmetric eigensolver with
+      its backward error where the test fails), plus explicit bounds on the rounding of XᵀX
+      (``gram`` returns it with a bound on ‖XᵀX − Ĝ‖₂) and of the scaling. The Gram matrix is
+      computed once and reused while the operators' tensors (``tensors``) are unchanged.
     - **layer cake** (any size): with v_j = ρ_j² sorted decreasingly and c_j ≥ ‖x_j‖² (``weights``),
       X diag(v) Xᵀ = ∫₀^∞ Σ_{v_j ≥ t} x_j x_jᵀ dt and ‖Σ_{j∈S} x_j x_jᵀ‖ ≤ min(‖X‖², Σ_{j∈S} c_j),
       so ‖X diag(ρ)‖² ≤ Σ_k (v_k − v_{k+1})·min(‖X‖², c_1 + … + c_k): one sort per sample.
@@ -200,10 +204,14 @@ class AnchoredScaledNorm(Quantity):
         weights: Callable[[], Tensor],
         gram: Callable[[], tuple[Tensor, Tensor]] | None = None,
         label: str = "",
+        tensors: Callable[[], list[Tensor]] | None = None,
     ):
         super().__init__()
         self.state, self.node, self.table, self.label = state, node, table, label
         self.base, self.weights, self.gram = base, weights, gram
+        self.tensors = tensors  # the live tensors ``gram`` reads (None: no caching)
+        self._gram_cache = None
+        self._gram_frobenius = None
         self.certified = bool(base.certified)
         self.note = base.note
 
@@ -227,16 +235,32 @@ class AnchoredScaledNorm(Quantity):
         return out
 
     def _exact(self, rho: Tensor) -> Tensor:
+        g, err = self._gram()
+        # λ_max(DĜD) for every sample by batched Lanczos, certified by a Cholesky test of
+        # τI − DĜD (eigvalsh where the test fails): runtime/lanczos.py
+        lam, _ = lambda_max_upper(rho, g)
+        # λ_max(DGD) ≤ λ_max(DĜD) + max(ρ)²‖G − Ĝ‖ (ρ ≤ 1); forming DĜD rounds each entry
+        # twice, by at most 3u‖DĜD‖_F ≤ 3u·max(ρ)²·‖Ĝ‖_F in all
+        peak = rho.amax(dim=1) ** 2 * (1 + 4 * _U)
+        lam = lam + err + 3 * _U * peak * self._gram_frobenius
+        return lam.sqrt() * (1 + 4 * _U)
+
+    def _gram(self) -> tuple[Tensor, Tensor]:
+        """``self.gram()``, recomputed only when one of the operators' live tensors changed
+        (another object, another storage, or an in-place update: ``_version``)."""
+        live = list(self.tensors()) if self.tensors is not None else []
+        live = live or None  # an operator that lists no tensors is never cached
+        cached = self._gram_cache
+        if live is not None and cached is not None and len(cached[0]) == len(live) and all(
+            t is c and t._version == v and t.data_ptr() == p
+            for t, (c, v, p) in zip(live, cached[0])
+        ):
+            return cached[1]
         g, err = self.gram()
-        out = torch.empty(len(rho), dtype=torch.float64)
-        for start in range(0, len(rho), 256):
-            d = rho[start : start + 256]
-            s = d[:, :, None] * g * d[:, None, :]
-            lam = torch.linalg.eigvalsh(s)[:, -1].clamp_min(0)
-            # λ_max(DGD) ≤ λ_max(DĜD) + max(ρ)²‖G − Ĝ‖; forming DĜD rounds each entry twice
-            lam = lam + err + 3 * _U * torch.linalg.matrix_norm(s)
-            out[start : start + 256] = certify(lam).sqrt() * (1 + 2 * _U)
-        return out
+        self._gram_frobenius = torch.linalg.matrix_norm(g) * (1 + _gamma(g.numel() + 2))
+        if live is not None:  # strong references: their storage cannot be reused meanwhile
+            self._gram_cache = ([(t, t._version, t.data_ptr()) for t in live], (g, err))
+        return g, err
 
     def _layer_cake(self, rho: Tensor, b: Tensor) -> Tensor:
         w = self.weights()

@@ -101,21 +101,34 @@ def _best_eta(dist2, phi, cross, gnorm2, k, eta_max, grad_slack, gamma, iters: i
     ∇φ itself (``grad_slack``·η) after it. ``dist2`` is the computed ‖y − x₀‖²; it is lowered by
     10⁻¹⁰ relative where it enters F."""
     dn, gn1 = dist2.clamp_min(0).sqrt(), gnorm2.clamp_min(0).sqrt()
+    # the η-independent parts, computed once (the same float64 operations as written out in
+    # the docstring's order, so the values are bitwise those of evaluating B directly)
+    dn2, dist4, dist_lo = 2 * dn, 4 * dist2, dist2 * (1 - _NORM)
+    ninf = torch.tensor(-math.inf, dtype=dist2.dtype, device=dist2.device)
 
     def safe(eta):
         mu = 2 - eta * k
-        err = gamma * (2 * dn + eta * gn1) ** 2
-        grad2 = (4 * dist2 + 4 * eta * cross + eta * eta * gnorm2 + err).clamp_min(0)
-        gn = grad2.sqrt() * (1 + _NORM) + eta * grad_slack
-        val = dist2 * (1 - _NORM) + eta * phi - gn * gn / (2 * mu.clamp_min(1e-300))
-        return torch.where(mu > 0, val, torch.full_like(val, -math.inf))
+        err = (dn2 + eta * gn1) ** 2
+        err *= gamma
+        grad2 = dist4 + 4 * eta * cross
+        grad2 += eta * eta * gnorm2
+        grad2 += err
+        gn = grad2.clamp_min_(0).sqrt_()
+        gn *= 1 + _NORM
+        gn += eta * grad_slack
+        val = dist_lo + eta * phi
+        val -= gn * gn / (2 * mu.clamp_min(1e-300))
+        return torch.where(mu > 0, val, ninf)
 
+    # both probes of every ternary step in one evaluation of safe: (2, P) stacked
     lo, hi = torch.zeros_like(eta_max), eta_max.clone()
     for _ in range(iters):
-        a, b = lo + (hi - lo) / 3, hi - (hi - lo) / 3
-        left = safe(a) < safe(b)
-        lo = torch.where(left, a, lo)
-        hi = torch.where(left, hi, b)
+        third = (hi - lo) / 3
+        probes = torch.stack([lo + third, hi - third])
+        vals = safe(probes)
+        left = vals[0] < vals[1]
+        lo = torch.where(left, probes[0], lo)
+        hi = torch.where(left, hi, probes[1])
     eta = (lo + hi) / 2
     return safe(eta), eta
 
@@ -205,23 +218,27 @@ def _solve(fn, x0, pred, target, k_neg, k_pos, outer, inner, accept_tol=None,
     x = flat0.clone()
     x_hi = torch.full_like(flat0, math.nan)  # the latest inner solution with φ ≤ 0
 
-    def candidates(y, phi, slack):
-        nonlocal primal, primal_d
-        dist = (y - flat0).norm(dim=1)
+    def candidates(y, phi, slack, diff=None):
+        dist = (y - flat0 if diff is None else diff).norm(dim=1)
         adv = (phi + _ATTACK * slack < 0) & (dist < primal_d)
-        primal_d = torch.where(adv, dist, primal_d)
-        primal = torch.where(adv[:, None], y, primal)
+        if adv.any():  # in place: the same values as torch.where(adv, new, old)
+            primal_d[adv] = dist[adv]
+            primal[adv] = y[adv]
 
+    # the iterates live in preallocated buffers, updated in place with the same float64
+    # operations (commuted where IEEE arithmetic commutes), so the results are bitwise those
+    # of the expressions in the comments
+    diff, step = torch.empty_like(flat0), torch.empty_like(flat0)
     for _ in range(outer):
         lsmooth = 2 + eta * kp
         mu = (2 - eta * k).clamp_min(1e-12)
         q = (lsmooth / mu).sqrt()
         beta = ((q - 1) / (q + 1))[:, None]
-        y, x_prev = x.clone(), x.clone()
+        y, x_prev, x_new = x.clone(), x.clone(), torch.empty_like(x)
         for _ in range(inner):
             phi, grad, slack = _evaluate(fn, y.reshape(shape), pred, target, offset)
             evals += 1
-            diff = y - flat0
+            torch.sub(y, flat0, out=diff)
             dist2 = (diff * diff).sum(dim=1)
             # bounds at this point: with the current η and with the best η for this y
             safe_phi = phi - slack
@@ -237,19 +254,22 @@ def _solve(fn, x0, pred, target, k_neg, k_pos, outer, inner, accept_tol=None,
             better = val > best
             best = torch.where(better, val, best)
             best_eta = torch.where(better, eta_y, best_eta)
-            candidates(y, phi, slack)  # primal candidates: φ < 0 even after the slack
-            # a Nesterov step on F_η = ‖y − x₀‖² + η·φ(y)
-            step = (2 * diff + eta[:, None] * grad) / lsmooth[:, None]
-            x_new = y - step
-            y = x_new + beta * (x_new - x_prev)
-            x_prev = x_new
+            candidates(y, phi, slack, diff)  # primal candidates: φ < 0 even after the slack
+            # a Nesterov step on F_η = ‖y − x₀‖² + η·φ(y):
+            # step = (2·diff + η∇φ)/L, x_new = y − step, y = x_new + β(x_new − x_prev)
+            torch.mul(grad, eta[:, None], out=step)
+            step.add_(diff, alpha=2).div_(lsmooth[:, None])
+            torch.sub(y, step, out=x_new)
+            torch.sub(x_new, x_prev, out=y).mul_(beta).add_(x_new)
+            x_prev, x_new = x_new, x_prev
         x = x_prev
         # bisection: φ(x*(η)) > 0 → the multiplier must grow
         phi_x, _, slack_x = _evaluate(fn, x.reshape(shape), pred, target, offset)
         evals += 1
         candidates(x, phi_x, slack_x)
         grow = phi_x > 0
-        x_hi = torch.where(grow[:, None], x_hi, x)
+        keep = ~grow
+        x_hi[keep] = x[keep]  # torch.where(grow, x_hi, x), in place
         lo = torch.where(grow, eta, lo)
         hi = torch.where(grow, hi, eta)
         eta = (lo + hi) / 2
