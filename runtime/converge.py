@@ -3,10 +3,15 @@
 Every estimated :class:`~curvbound.runtime.norms.Norm` is advanced by cycles of Lanczos on AᵀA
 started from its warm vector u (full reorthogonalisation, float64 bookkeeping), restarted from the
 top Ritz vector after one more power step (free from the Lanczos relation); ‖A u‖ never
-decreases (u lies in the Krylov space) and stays an estimate **from below**. Work is batched:
-all products of one segment share one sweep of the segment's layers per step
-(:meth:`~curvbound.runtime.products.Segment._gram`), and the bookkeeping of all vectors of one
-size is a handful of batched tensor operations rather than per-vector loops.
+decreases (u lies in the Krylov space) and stays an estimate **from below**. Work is batched
+in *stacks*: the norms of dense layers of one shape are two ``bmm`` per step for all of them;
+the products of all segments of dense layers with the same layer shapes and the same products
+(i, j) (the 125 segments of a 1000-layer MLP) share one sweep up and down the depth per step,
+``bmm`` over the segments with the adjoint applied by hand; everything else (convolutions,
+reshapes) goes the general route, all products of one segment in one sweep of its layers and
+one backward (:meth:`~curvbound.runtime.products.Segment._gram`). The Lanczos bookkeeping of
+each stack's vectors of one size is a handful of batched float64 operations, and the estimates
+the bound reads after each cycle are computed the same way (``values``).
 
 Convergence is judged on the **bound**, not on a step budget: after each cycle the caller's
 ``bound()`` is evaluated and iteration stops when its values change by at most ``tol``
@@ -34,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .norms import Norm
+from .norms import Norm, shared_evaluation
 from .operators import Dense, _RowScaledDense
 from .products import LANCZOS_CYCLE, ProductNorm, Segment, apply_cost
 
@@ -136,6 +141,15 @@ class _DenseNorms:
             y = y * self.r2
         return {n: torch.bmm(self.w.transpose(1, 2), y)[:, :, 0].double()}
 
+    def values(self) -> dict[int, Tensor]:
+        """‖A u‖ of every member (what :meth:`Norm.forward` computes), batched."""
+        (ms,) = self.blocks.values()
+        u = torch.stack([m.u.detach().reshape(-1) for m in ms]).to(self.w.dtype)
+        y = torch.bmm(self.w, u[:, :, None])
+        if self.r2 is not None:
+            y = y * self.r2.sqrt()
+        return dict(zip((id(m) for m in ms), y[:, :, 0].norm(dim=1).unbind()))
+
 
 class _DenseSegments:
     """The products of several segments of dense layers with the same layer shapes and the same
@@ -148,6 +162,7 @@ class _DenseSegments:
 
     def __init__(self, segments: list[list[ProductNorm]], weights: list[list[Tensor]]):
         pairs = [(m.j, m.i) for m in segments[0]]
+        self.segments = segments
         self.depth = len(weights[0])
         self.w = [torch.stack([ws[l] for ws in weights]) for l in range(self.depth)]  # (S, m, n)
         self.n_seg = len(segments)
@@ -168,7 +183,7 @@ class _DenseSegments:
                 self.blocks.setdefault(n, []).extend(
                     seg[p] for seg in segments for p in self.start[l])
 
-    def gram(self, xs: dict[int, Tensor]) -> dict[int, Tensor]:
+    def _inputs(self, xs: dict[int, Tensor]) -> list[Tensor | None]:
         s_, dtype = self.n_seg, self.w[0].dtype
         inputs: list[Tensor | None] = [None] * self.depth
         for n, ls in self.layers.items():
@@ -177,6 +192,10 @@ class _DenseSegments:
                 c = len(self.start[l])
                 inputs[l] = xs[n][at: at + s_ * c].reshape(s_, c, n).transpose(1, 2).to(dtype)
                 at += s_ * c
+        return inputs
+
+    def _forward(self, inputs: list[Tensor | None]) -> list[Tensor]:
+        """The sweep up the depth: layer l's outputs for the columns j ≤ l."""
         ys: list[Tensor] = []
         h = None
         for l in range(self.depth):
@@ -187,6 +206,24 @@ class _DenseSegments:
             y = torch.bmm(self.w[l], h)  # (S, m_l, width_l)
             ys.append(y)
             h = y * self.cont[l]  # the products that go on past layer l
+        return ys
+
+    def values(self) -> dict[int, Tensor]:
+        """‖A_i⋯A_j u‖ of every member, from one sweep up the depth."""
+        xs = {n: torch.stack([m.u.detach().reshape(-1) for m in ms]) for n, ms in
+              self.blocks.items()}
+        ys = self._forward(self._inputs(xs))
+        total = torch.zeros(self.n_seg, self.width[-1], dtype=ys[0].dtype)
+        for l, y in enumerate(ys):
+            total[:, : self.width[l]] += y.norm(dim=1) * self.end[l]
+        order = [(s, p) for l in range(self.depth) for s in range(self.n_seg)
+                 for p in self.start[l]]
+        flat = total.unbind(0)
+        return {id(self.segments[s][p]): flat[s][p] for s, p in order}
+
+    def gram(self, xs: dict[int, Tensor]) -> dict[int, Tensor]:
+        s_, dtype = self.n_seg, self.w[0].dtype
+        ys = self._forward(self._inputs(xs))
         outs: list[Tensor | None] = [None] * self.depth
         back = None
         for l in reversed(range(self.depth)):
@@ -211,6 +248,9 @@ class _General:
         for _, m in owners:
             self.blocks.setdefault(m.u.numel(), []).append(m)
 
+    def values(self) -> dict[int, Tensor]:
+        return {}  # evaluated by the quantities themselves
+
     def gram(self, xs: dict[int, Tensor]) -> dict[int, Tensor]:
         where: dict[int, Tensor] = {}
         for n, block in self.blocks.items():
@@ -227,17 +267,18 @@ class _General:
                 for n, block in self.blocks.items()}
 
 
-def _stacks(groups: list[_Group]) -> list:
-    """The active members of ``groups`` arranged in stacks (dense layers batched across
-    segments and norms; everything else on the general route)."""
+def _stacks(groups: list[_Group], everything: bool = False) -> list:
+    """The active members of ``groups`` (``everything``: all members) arranged in stacks (dense
+    layers batched across segments and norms; everything else on the general route)."""
     general: list[tuple[_Group, Norm]] = []
     plain: dict[tuple, tuple[list[Norm], list]] = {}
     segs: dict[tuple, tuple[list[list[ProductNorm]], list[list[Tensor]]]] = {}
     for g in groups:
-        if not g.active:
+        active = g.members if everything else g.active
+        if not active:
             continue
         if g.segment is None:
-            (m,) = g.active
+            (m,) = active
             d = _dense(m.op)
             if d is None or d[0].dtype != m._dtype():
                 general.append((g, m))
@@ -249,15 +290,15 @@ def _stacks(groups: list[_Group]) -> list:
             continue
         ws = [_dense(op) for op in g.segment.ops]
         if any(d is None or d[1] for d in ws):  # (a row-scaled layer is never a segment op)
-            general += [(g, m) for m in g.active]
+            general += [(g, m) for m in active]
             continue
         weights = [d[0] for d in ws]
-        live = sorted(g.active, key=lambda m: (m.j, m.i))
+        live = sorted(active, key=lambda m: (m.j, m.i))
         key = (tuple(tuple(w.shape) for w in weights), weights[0].dtype, weights[0].device,
                tuple((m.j, m.i) for m in live))
         if len({w.dtype for w in weights}) != 1 or any(m._dtype() != weights[0].dtype
                                                        for m in live[:1]):
-            general += [(g, m) for m in g.active]
+            general += [(g, m) for m in active]
             continue
         segs.setdefault(key, ([], []))
         segs[key][0].append(live)
@@ -346,6 +387,7 @@ def converge(
     tol: float = 1e-6,
     max_steps: int = 2000,
     progress: bool | None = None,
+    known: dict[int, object] | None = None,
 ) -> ConvergenceReport:
     """Advance every estimated norm of ``norms`` until ``bound()`` (the numbers that matter, e.g.
     the output's L and M) changes by at most ``tol`` (relative) over one Lanczos cycle, or
@@ -353,12 +395,25 @@ def converge(
 
     ``progress``: True/False forces a tqdm bar on/off; None shows one when convergence takes
     longer than :data:`PROGRESS_AFTER_S` seconds (and tqdm is installed).
+
+    ``bound()`` runs inside a :func:`~curvbound.runtime.norms.shared_evaluation` block that
+    presets ``known`` (values by quantity id, e.g. the quantities without iteration state) and
+    the estimates of the batched stacks, ‖A u‖ computed for all of them at once (the same
+    numbers their :meth:`Norm.forward` gives, up to rounding).
     """
     live = [q for q in norms if isinstance(q, Norm) and not q.certified]
     groups = _groups(live)
     cost = sum(g.cost() for g in groups)
     start = time.perf_counter()
-    before = list(bound())
+
+    def evaluate() -> list[float]:
+        values = dict(known or {})
+        for st in _stacks(groups, everything=True):
+            values.update(st.values())
+        with shared_evaluation(values):
+            return list(bound())
+
+    before = evaluate()
     change, steps, cycles, bar = math.inf, 0, 0, None
     # the quantities' own test is much stricter than the bound's: a quantity stops only when a
     # whole cycle leaves its estimate unchanged to near rounding
@@ -369,7 +424,7 @@ def converge(
             _cycle(groups, length, rtol)
             steps += length
             cycles += 1
-            after = list(bound())
+            after = evaluate()
             change, before = _relative_change(before, after), after
             if bar is None and progress is not False and (
                 progress or time.perf_counter() - start > PROGRESS_AFTER_S

@@ -102,6 +102,28 @@ def test_stacked_gram_equals_each_quantity_on_its_own(name):
                 torch.testing.assert_close(out[n][row], want, rtol=1e-5, atol=1e-5 * want.abs().max())
                 seen += 1
     assert seen == len(norms)  # every estimate in exactly one stack
+    # the batched values ‖A u‖ (preset while bound() runs) against each quantity's forward
+    values = {}
+    for st in cv._stacks(cv._groups(norms), everything=True):
+        values.update(st.values())
+    assert set(values) <= {id(q) for q in norms}
+    if name != "cnn":  # (convolutions: evaluated by the quantities themselves)
+        assert len(values) == len(norms)
+    for q in norms:
+        if id(q) in values:
+            assert float(values[id(q)]) == pytest.approx(float(q()), rel=1e-5), q.label
+
+
+def test_converge_with_batched_values_equals_plain_bound_evaluation():
+    model, x = _models()["deep"]
+    bf = curvbound.compile(model, x, refresh=False)
+    bf.refresh()
+    with torch.no_grad():
+        out = bf()
+    batched = []
+    cv.converge(_estimates(bf), lambda: batched.append(bf()) or (0.0,), max_steps=1)
+    assert float(batched[0].lipschitz) == pytest.approx(float(out.lipschitz), rel=1e-5)
+    assert float(batched[0].curvature) == pytest.approx(float(out.curvature), rel=1e-5)
 
 
 @pytest.mark.parametrize("name", ["deep", "widths", "cnn"])
