@@ -199,8 +199,10 @@ class _DenseSegments:
         ys: list[Tensor] = []
         h = None
         for l in range(self.depth):
-            if h is None:
+            if h is None:  # (no product starts below l when the first ones have settled)
                 h = inputs[l]
+                if h is None:
+                    h = self.w[l].new_zeros(self.n_seg, self.w[l].shape[2], 0)
             elif inputs[l] is not None:
                 h = torch.cat([h, inputs[l]], dim=2)
             y = torch.bmm(self.w[l], h)  # (S, m_l, width_l)

@@ -156,3 +156,25 @@ def test_batched_convergence_reaches_the_exact_norms():
         assert exact * (1 - 1e-6) <= est <= exact * (1 + 1e-9), (q.label, est, exact)
         products += isinstance(q, ProductNorm)
     assert products >= 20
+
+
+def test_stacks_when_the_first_products_have_settled():
+    """Segments whose products starting at the first layers dropped out of the cycles."""
+    model, x = _models()["widths"]
+    bf = curvbound.compile(model, x, refresh=False)
+    groups = cv._groups(_estimates(bf))
+    for g in groups:
+        if g.segment is not None:
+            g.active = [m for m in g.active if m.j >= 2]
+    stacks = [s for s in cv._stacks(groups) if isinstance(s, cv._DenseSegments)]
+    assert stacks
+    gen = torch.Generator().manual_seed(3)
+    for st in stacks:
+        xs = {n: torch.randn(len(ms), n, generator=gen, dtype=torch.float64)
+              for n, ms in st.blocks.items()}
+        out = st.gram(xs)
+        for n, ms in st.blocks.items():
+            for row, q in enumerate(ms):
+                want = _reference_gram(q, xs[n][row].reshape(q.u.shape)).reshape(-1).double()
+                torch.testing.assert_close(out[n][row], want, rtol=1e-5, atol=1e-5 * want.abs().max())
+    cv._cycle(groups, 3, 0.0)  # runs
