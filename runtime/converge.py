@@ -111,6 +111,15 @@ def _groups(norms: Sequence[Norm]) -> list[_Group]:
 # order and ``gram`` maps {n: (k, n) float64} to {n: (k, n) float64}.
 
 
+#: Dense weights with more entries than this are not copied into a stack with others (each is
+#: a stack of its own, a view): the batching pays for small layers, copying large ones does not.
+STACK_ENTRIES = 1 << 16
+
+
+def _stack(ws: list[Tensor]) -> Tensor:
+    return ws[0][None] if len(ws) == 1 else torch.stack(ws)
+
+
 def _dense(op) -> tuple[Tensor, bool] | None:
     """(W, scaled) with AᵀA = Wᵀ·diag(r²)^scaled·W (r the row norms of W) for a dense layer on
     vectors, else None (the operator goes the general route)."""
@@ -128,7 +137,7 @@ class _DenseNorms:
 
     def __init__(self, members: list[Norm], mats: list[tuple[Tensor, bool]]):
         self.blocks = {mats[0][0].shape[1]: members}
-        self.w = torch.stack([w for w, _ in mats])  # (k, m, n)
+        self.w = _stack([w for w, _ in mats])  # (k, m, n)
         self.r2 = None
         if any(s for _, s in mats):
             self.r2 = torch.stack([w.square().sum(dim=1) if s else torch.ones_like(w[:, 0])
@@ -139,7 +148,7 @@ class _DenseNorms:
         y = torch.bmm(self.w, x.to(self.w.dtype)[:, :, None])
         if self.r2 is not None:
             y = y * self.r2
-        return {n: torch.bmm(self.w.transpose(1, 2), y)[:, :, 0].double()}
+        return {n: torch.bmm(y.transpose(1, 2), self.w)[:, 0].double()}  # (Wᵀy)ᵀ = yᵀW
 
     def values(self) -> dict[int, Tensor]:
         """‖A u‖ of every member (what :meth:`Norm.forward` computes), batched."""
@@ -164,7 +173,7 @@ class _DenseSegments:
         pairs = [(m.j, m.i) for m in segments[0]]
         self.segments = segments
         self.depth = len(weights[0])
-        self.w = [torch.stack([ws[l] for ws in weights]) for l in range(self.depth)]  # (S, m, n)
+        self.w = [_stack([ws[l] for ws in weights]) for l in range(self.depth)]  # (S, m, n)
         self.n_seg = len(segments)
         dtype = self.w[0].dtype
         self.start = [[p for p, (j, _) in enumerate(pairs) if j == l] for l in range(self.depth)]
@@ -232,7 +241,8 @@ class _DenseSegments:
             b = ys[l] * self.end[l]  # AᵀA's backward sweep starts where each product ends
             if back is not None:
                 b = b + back[:, :, : self.width[l]]
-            g = torch.bmm(self.w[l].transpose(1, 2), b)  # (S, n_l, width_l)
+            # Wᵀb as (bᵀW)ᵀ: W is read as stored (a transposed batch would be copied)
+            g = torch.bmm(b.transpose(1, 2), self.w[l]).transpose(1, 2)  # (S, n_l, width_l)
             if self.start[l]:
                 lo = self.width[l] - len(self.start[l])
                 outs[l] = g[:, :, lo:]
@@ -282,10 +292,11 @@ def _stacks(groups: list[_Group], everything: bool = False) -> list:
         if g.segment is None:
             (m,) = active
             d = _dense(m.op)
-            if d is None or d[0].dtype != m._dtype():
+            if d is None:
                 general.append((g, m))
                 continue
-            key = (tuple(d[0].shape), d[0].dtype, d[0].device)
+            key = (tuple(d[0].shape), d[0].dtype, d[0].device,
+                   id(m) if d[0].numel() > STACK_ENTRIES else None)
             plain.setdefault(key, ([], []))
             plain[key][0].append(m)
             plain[key][1].append(d)
@@ -297,9 +308,9 @@ def _stacks(groups: list[_Group], everything: bool = False) -> list:
         weights = [d[0] for d in ws]
         live = sorted(active, key=lambda m: (m.j, m.i))
         key = (tuple(tuple(w.shape) for w in weights), weights[0].dtype, weights[0].device,
-               tuple((m.j, m.i) for m in live))
-        if len({w.dtype for w in weights}) != 1 or any(m._dtype() != weights[0].dtype
-                                                       for m in live[:1]):
+               tuple((m.j, m.i) for m in live),
+               id(g) if max(w.numel() for w in weights) > STACK_ENTRIES else None)
+        if len({w.dtype for w in weights}) != 1:
             general += [(g, m) for m in active]
             continue
         segs.setdefault(key, ([], []))
