@@ -165,58 +165,58 @@ class _DenseSegments:
     set of products (i, j): one sweep of the depth per step for all of them, as bmm's over the
     segments, and the adjoint sweep by hand (Wᵀ) instead of autograd.
 
-    Columns are the products, sorted by their first layer j, so that layer l acts on a prefix of
-    the columns (those with j ≤ l), the products starting at l are appended there, and a column
-    is masked once its product has ended (l > i)."""
+    Columns are the products, sorted by their first layer j, so that layer t acts on a prefix of
+    the columns (those with j ≤ t), the products starting at t are appended there, and a column
+    is masked once its product has ended (t > i)."""
 
     def __init__(self, segments: list[list[ProductNorm]], weights: list[list[Tensor]]):
         pairs = [(m.j, m.i) for m in segments[0]]
         self.segments = segments
         self.depth = len(weights[0])
-        self.w = [_stack([ws[l] for ws in weights]) for l in range(self.depth)]  # (S, m, n)
+        self.w = [_stack([ws[t] for ws in weights]) for t in range(self.depth)]  # (S, m, n)
         self.n_seg = len(segments)
         dtype = self.w[0].dtype
-        self.start = [[p for p, (j, _) in enumerate(pairs) if j == l] for l in range(self.depth)]
-        self.width = [sum(len(s) for s in self.start[: l + 1]) for l in range(self.depth)]
-        self.cont = [torch.tensor([float(i > l) for _, i in pairs[: self.width[l]]],
-                                  dtype=dtype) for l in range(self.depth)]
-        self.end = [torch.tensor([float(i == l) for _, i in pairs[: self.width[l]]],
-                                 dtype=dtype) for l in range(self.depth)]
-        # rows of the block of size n: layer l (with n_l = n), segment, product starting at l
+        self.start = [[p for p, (j, _) in enumerate(pairs) if j == t] for t in range(self.depth)]
+        self.width = [sum(len(s) for s in self.start[: t + 1]) for t in range(self.depth)]
+        self.cont = [torch.tensor([float(i > t) for _, i in pairs[: self.width[t]]],
+                                  dtype=dtype) for t in range(self.depth)]
+        self.end = [torch.tensor([float(i == t) for _, i in pairs[: self.width[t]]],
+                                 dtype=dtype) for t in range(self.depth)]
+        # rows of the block of size n: layer t (with n_t = n), segment, product starting at t
         self.blocks: dict[int, list[Norm]] = {}
         self.layers: dict[int, list[int]] = {}
-        for l in range(self.depth):
-            if self.start[l]:
-                n = self.w[l].shape[2]
-                self.layers.setdefault(n, []).append(l)
+        for t in range(self.depth):
+            if self.start[t]:
+                n = self.w[t].shape[2]
+                self.layers.setdefault(n, []).append(t)
                 self.blocks.setdefault(n, []).extend(
-                    seg[p] for seg in segments for p in self.start[l])
+                    seg[p] for seg in segments for p in self.start[t])
 
     def _inputs(self, xs: dict[int, Tensor]) -> list[Tensor | None]:
         s_, dtype = self.n_seg, self.w[0].dtype
         inputs: list[Tensor | None] = [None] * self.depth
         for n, ls in self.layers.items():
             at = 0
-            for l in ls:
-                c = len(self.start[l])
-                inputs[l] = xs[n][at: at + s_ * c].reshape(s_, c, n).transpose(1, 2).to(dtype)
+            for t in ls:
+                c = len(self.start[t])
+                inputs[t] = xs[n][at: at + s_ * c].reshape(s_, c, n).transpose(1, 2).to(dtype)
                 at += s_ * c
         return inputs
 
     def _forward(self, inputs: list[Tensor | None]) -> list[Tensor]:
-        """The sweep up the depth: layer l's outputs for the columns j ≤ l."""
+        """The sweep up the depth: layer t's outputs for the columns j ≤ t."""
         ys: list[Tensor] = []
         h = None
-        for l in range(self.depth):
-            if h is None:  # (no product starts below l when the first ones have settled)
-                h = inputs[l]
+        for t in range(self.depth):
+            if h is None:  # (no product starts below t when the first ones have settled)
+                h = inputs[t]
                 if h is None:
-                    h = self.w[l].new_zeros(self.n_seg, self.w[l].shape[2], 0)
-            elif inputs[l] is not None:
-                h = torch.cat([h, inputs[l]], dim=2)
-            y = torch.bmm(self.w[l], h)  # (S, m_l, width_l)
+                    h = self.w[t].new_zeros(self.n_seg, self.w[t].shape[2], 0)
+            elif inputs[t] is not None:
+                h = torch.cat([h, inputs[t]], dim=2)
+            y = torch.bmm(self.w[t], h)  # (S, m_t, width_t)
             ys.append(y)
-            h = y * self.cont[l]  # the products that go on past layer l
+            h = y * self.cont[t]  # the products that go on past layer t
         return ys
 
     def values(self) -> dict[int, Tensor]:
@@ -225,29 +225,28 @@ class _DenseSegments:
               self.blocks.items()}
         ys = self._forward(self._inputs(xs))
         total = torch.zeros(self.n_seg, self.width[-1], dtype=ys[0].dtype)
-        for l, y in enumerate(ys):
-            total[:, : self.width[l]] += y.norm(dim=1) * self.end[l]
-        order = [(s, p) for l in range(self.depth) for s in range(self.n_seg)
-                 for p in self.start[l]]
+        for t, y in enumerate(ys):
+            total[:, : self.width[t]] += y.norm(dim=1) * self.end[t]
+        order = [(s, p) for t in range(self.depth) for s in range(self.n_seg)
+                 for p in self.start[t]]
         flat = total.unbind(0)
         return {id(self.segments[s][p]): flat[s][p] for s, p in order}
 
     def gram(self, xs: dict[int, Tensor]) -> dict[int, Tensor]:
-        s_, dtype = self.n_seg, self.w[0].dtype
         ys = self._forward(self._inputs(xs))
         outs: list[Tensor | None] = [None] * self.depth
         back = None
-        for l in reversed(range(self.depth)):
-            b = ys[l] * self.end[l]  # AᵀA's backward sweep starts where each product ends
+        for t in reversed(range(self.depth)):
+            b = ys[t] * self.end[t]  # AᵀA's backward sweep starts where each product ends
             if back is not None:
-                b = b + back[:, :, : self.width[l]]
+                b = b + back[:, :, : self.width[t]]
             # Wᵀb as (bᵀW)ᵀ: W is read as stored (a transposed batch would be copied)
-            g = torch.bmm(b.transpose(1, 2), self.w[l]).transpose(1, 2)  # (S, n_l, width_l)
-            if self.start[l]:
-                lo = self.width[l] - len(self.start[l])
-                outs[l] = g[:, :, lo:]
+            g = torch.bmm(b.transpose(1, 2), self.w[t]).transpose(1, 2)  # (S, n_t, width_t)
+            if self.start[t]:
+                lo = self.width[t] - len(self.start[t])
+                outs[t] = g[:, :, lo:]
             back = g
-        return {n: torch.cat([outs[l].transpose(1, 2).reshape(-1, n) for l in ls]).double()
+        return {n: torch.cat([outs[t].transpose(1, 2).reshape(-1, n) for t in ls]).double()
                 for n, ls in self.layers.items()}
 
 
@@ -332,7 +331,7 @@ def _cycle(groups: list[_Group], length: int, rtol: float) -> None:
     stacks = _stacks(groups)
     blocks = [(st, n, ms) for st in stacks for n, ms in st.blocks.items()]
     basis, alphas, betas, ok, tails = [], [], [], [], []
-    for st, n, ms in blocks:
+    for _, n, ms in blocks:
         v = torch.stack([m.u.detach().reshape(-1).double() for m in ms])
         b = v.new_zeros(len(ms), length, n)  # the Krylov basis, preallocated
         b[:, 0] = v / v.norm(dim=1, keepdim=True).clamp_min(1e-300)
@@ -368,7 +367,7 @@ def _cycle(groups: list[_Group], length: int, rtol: float) -> None:
             betas[k].append(b)
             basis[k][:, step + 1] = torch.where(alive[:, None], w / b.clamp_min(1e-300)[:, None],
                                                 0.0)
-    for k, (_, n, ms) in enumerate(blocks):
+    for k, (_, _, ms) in enumerate(blocks):
         s = len(alphas[k])
         t = torch.diag_embed(torch.stack(alphas[k], dim=1))
         if s > 1:

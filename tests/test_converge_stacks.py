@@ -99,7 +99,8 @@ def test_stacked_gram_equals_each_quantity_on_its_own(name):
             assert out[n].shape == (len(ms), n)
             for row, q in enumerate(ms):
                 want = _reference_gram(q, xs[n][row].reshape(q.u.shape)).reshape(-1).double()
-                torch.testing.assert_close(out[n][row], want, rtol=1e-5, atol=1e-5 * want.abs().max())
+                torch.testing.assert_close(out[n][row], want, rtol=1e-5,
+                                           atol=1e-5 * want.abs().max())
                 seen += 1
     assert seen == len(norms)  # every estimate in exactly one stack
     # the batched values ‖A u‖ (preset while bound() runs) against each quantity's forward
@@ -176,5 +177,6 @@ def test_stacks_when_the_first_products_have_settled():
         for n, ms in st.blocks.items():
             for row, q in enumerate(ms):
                 want = _reference_gram(q, xs[n][row].reshape(q.u.shape)).reshape(-1).double()
-                torch.testing.assert_close(out[n][row], want, rtol=1e-5, atol=1e-5 * want.abs().max())
+                torch.testing.assert_close(out[n][row], want, rtol=1e-5,
+                                           atol=1e-5 * want.abs().max())
     cv._cycle(groups, 3, 0.0)  # runs
