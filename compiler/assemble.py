@@ -350,12 +350,44 @@ def _check_transfer(result: object, fn, node: fx.Node) -> Transfer:
                 "≥ 0 and not NaN. Check the rule's constants (absolute values of sup|σ'|, "
                 "sup|σ''|)."
             )
-        if not expr.is_number and expr.is_extended_negative:
+        if not expr.is_number and not _nonnegative(expr) and expr.is_extended_negative:
             raise RuleError(
                 f"rule {rule_name(fn)} gave the {kind} bound {expr} for {where}, which is "
                 "negative for nonnegative inputs; a bound must be ≥ 0."
             )
     return result
+
+
+def _nonnegative(expr: sympy.Basic) -> bool:
+    """True when ``expr`` is ≥ 0 by its structure: nonnegative symbols and numbers combined by
+    +, ×, min, max, |·| and powers of nonnegative bases with real exponents. A cheap test that
+    answers most bounds; False means "not shown" (sympy's assumptions then decide), never
+    "negative". Walks the expression once (shared subexpressions once).
+
+    >>> a = sympy.Symbol("a", nonnegative=True)
+    >>> _nonnegative(2 * a + sympy.Max(a, 1) * a**-1), _nonnegative(a - 1)
+    (True, False)
+    """
+    seen: dict[sympy.Basic, bool] = {}
+
+    def walk(e: sympy.Basic) -> bool:
+        if e in seen:
+            return seen[e]
+        if e.is_Symbol or e.is_Number:
+            ok = e.is_nonnegative is True
+        elif isinstance(e, sympy.Abs):
+            ok = True
+        elif isinstance(e, (sympy.Add, sympy.Mul, sympy.Max, sympy.Min)):
+            ok = all(walk(a) for a in e.args)
+        elif isinstance(e, sympy.Pow):
+            base, exp = e.args
+            ok = walk(base) and ((exp.is_Number and exp.is_real is True) or walk(exp))
+        else:
+            ok = False
+        seen[e] = ok
+        return ok
+
+    return walk(expr)
 
 
 def _own_nonsmooth(result: Transfer, ctx: RuleContext) -> bool:

@@ -546,7 +546,8 @@ class BoundFunction(nn.Module):
                 out = self.forward()
             return float(out.lipschitz), float(out.curvature)
 
-        report = converge(norms, bound, tol=tol, max_steps=max_steps, progress=progress)
+        report = converge(norms, bound, tol=tol, max_steps=max_steps, progress=progress,
+                          known=static)
         self.last_convergence = report
         return report.steps
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import sympy
@@ -9,8 +10,10 @@ import sympy
 __all__ = ["round_up", "LazyMin", "smin"]
 
 
+@functools.lru_cache(maxsize=4096)
 def round_up(x: sympy.Expr) -> float:
-    """The smallest float64 that is ≥ the exact value of a sympy number."""
+    """The smallest float64 that is ≥ the exact value of a sympy number (memoised: the same
+    constants, e.g. an activation's sup|σ''|, are rounded once per layer otherwise)."""
     exact = sympy.N(x, 40)
     f = float(exact)
     if sympy.Float(f, 40) < exact:
