@@ -354,7 +354,10 @@ def test_6c2f_conv_layers_within_1_5_of_estimate():
     assert len(conv_names) == 6
     for name in conv_names:
         ratio = cert[name] / est[name]
-        assert 1.0 <= ratio <= 1.5, (name, ratio)
+        # the estimate is a float32 power iteration: from below in exact arithmetic, but its
+        # rounding may put it a few float32 ulps above the true norm when it has converged
+        # (e.g. 0.67621249 against the exact float64 0.67621245 and the certified 0.67621245)
+        assert 1.0 - 4e-7 <= ratio <= 1.5, (name, ratio)
 
 
 def test_reflect_padding_bound_is_sound_for_float32_models():
