@@ -212,21 +212,14 @@ def test_wrapped_models_are_unwrapped():
     assert float(a()) == pytest.approx(float(b()))
 
 
-def test_ddp_wrapped_model(tmp_path):
-    dist = torch.distributed
-    if not dist.is_available():
-        pytest.skip("torch.distributed not available")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
-    try:
-        net = _mlp(d=4, w=8, k=3, depth=3)
-        ddp = nn.parallel.DistributedDataParallel(net)
-        pen = curvbound.CurvaturePenalty(ddp, torch.zeros(1, 4))
-        x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
-        loss = nn.functional.cross_entropy(ddp(x), y) + pen()
-        loss.backward()
-        assert pen.bound.model is net and net[0].weight.grad is not None
-    finally:
-        dist.destroy_process_group()
+def test_ddp_wrapped_model(single_process_group):
+    net = _mlp(d=4, w=8, k=3, depth=3)
+    ddp = nn.parallel.DistributedDataParallel(net)
+    pen = curvbound.CurvaturePenalty(ddp, torch.zeros(1, 4))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    loss = nn.functional.cross_entropy(ddp(x), y) + pen()
+    loss.backward()
+    assert pen.bound.model is net and net[0].weight.grad is not None
 
 
 def test_radius_equals_the_certificate_curvature_radius():

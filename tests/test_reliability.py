@@ -290,22 +290,13 @@ def test_wrapped_models_are_unwrapped():
         assert float(bf().lipschitz) == pytest.approx(chain_norm(net), rel=1e-6)
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
-def test_distributed_data_parallel_is_unwrapped(tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1
-    )
-    try:
-        net = linear_net()
-        ddp = nn.parallel.DistributedDataParallel(net)
-        assert unwrap_model(ddp) is net
-        bf = curvbound.compile(ddp, torch.zeros(1, 4), norms="certified")
-        assert bf.model is net
-        assert float(bf().lipschitz) == pytest.approx(chain_norm(net), rel=1e-6)
-    finally:
-        dist.destroy_process_group()
+def test_distributed_data_parallel_is_unwrapped(single_process_group):
+    net = linear_net()
+    ddp = nn.parallel.DistributedDataParallel(net)
+    assert unwrap_model(ddp) is net
+    bf = curvbound.compile(ddp, torch.zeros(1, 4), norms="certified")
+    assert bf.model is net
+    assert float(bf().lipschitz) == pytest.approx(chain_norm(net), rel=1e-6)
 
 
 # -- inputs -------------------------------------------------------------------------------------
