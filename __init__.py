@@ -8,20 +8,20 @@ into a readable torch function evaluated on the model's live weights. On a small
     bf = curvbound.compile(model, torch.zeros(1, 4), norms="certified")
     print(bf.table())
 
-    node          rule                  L       M       share  cert
-    ------------  --------------------  ------  ------  -----  ----
-    input         input                 1       0       -      yes
-    fc1 (Linear)  linear.linear         0.9993  0       -      yes
-    tanh()        activations.tanh      0.9993  0.4531  40.1%  yes
-    fc2 (Linear)  linear.linear         0.8852  0.3748  33.2%  yes
-    softplus()    activations.softplus  0.8852  0.6767  26.7%  yes
-    add()         linear.add            1.884   1.13    -      yes
-    out (Linear)  linear.linear         1.197   0.7175  -      yes
-    output out: L = 1.1968, M = 0.71751, error = 1.8512e-09 [compositional, certified]
+    node          rule                  L       M       share     cert
+    ------------  --------------------  ------  ------  --------  ----
+    input         input                 1       0       -         yes
+    fc1 (Linear)  linear.linear         0.9993  0       -         yes
+    tanh()        activations.tanh      0.9993  0.4531  41.6%     yes
+    fc2 (Linear)  linear.linear         0.8852  0.3748  subsumed  yes
+    softplus()    activations.softplus  0.8852  0.6767  subsumed  yes
+    add()         linear.add            1.841   1.13    -         yes
+    out (Linear)  linear.linear         0.8455  0.506   58.4%     yes
+    output out: L = 0.845521, M = 0.506012, error = 1.8512e-09 [compositional, certified]
     L: Lipschitz bound and M: curvature bound (Lipschitz constant of the Jacobian) of the map
        from the network input to the node's output (ℓ2 norms).
     share: part of the output's curvature bound created at this node, (∂M_out/∂M_node)·own
-       / M_out, where own is the node's curvature with its inputs' curvatures set to 0; the
+       / M_out, where own is the node's M minus what it carries from its inputs' M; the
        shares sum to 100%. '-': the node creates no curvature (linear maps, sums, reshapes only
        pass their inputs' curvature on, so a large M there comes from upstream). 'subsumed':
        the output's bound does not depend on the node's M: a later rule bounds a stretch of
@@ -53,7 +53,7 @@ into a readable torch function evaluated on the model's live weights. On a small
 
     print(bf())
 
-    Bounds(lipschitz=1.1968, curvature=0.71751, certified)
+    Bounds(lipschitz=0.845521, curvature=0.506012, error=1.8512e-09, certified)
 
 See ``docs/index.md`` to start, ``docs/theory.md`` for why each rule is sound and
 ``docs/writing_rules.md`` to cover your own layers.

@@ -19,6 +19,7 @@ from .compiler.errors import SerializationError, UnsupportedOperationError
 from .compiler.registry import Registry, layered
 from .compiler.trace import check_inputs, propagate_shapes, trace, unwrap_model
 from .passes.checks import check_example_input, check_model_state, check_resources
+from .passes.distribute import distribute
 from .passes.lipschitz_lt import refine_affine
 from .passes.methods import finalize as finalize_method
 from .runtime.anchored import AnchorState
@@ -27,8 +28,9 @@ from .runtime.norms import MODES
 __all__ = ["compile", "save", "load", "REFINERS"]
 
 #: Passes every affine transfer goes through, in order (``RuleContext.linear`` applies them):
-#: LipLT along chain segments and the two-layer block rules (passes/lipschitz_lt.py).
-REFINERS = (refine_affine,)
+#: LipLT along chain segments and the two-layer block rules (passes/lipschitz_lt.py), then linear
+#: maps distributed over the merges they follow (passes/distribute.py).
+REFINERS = (refine_affine, distribute)
 
 #: format tag of the files written by :func:`save`
 _FORMAT = "curvbound.BoundFunction/1"

@@ -632,10 +632,11 @@ class BoundFunction(nn.Module):
     def curvature_shares(self) -> dict[str, float]:
         """Each node's share of the output's curvature bound (they sum to 1 when it is finite).
 
-        Every curvature rule is positively homogeneous of degree one in its inputs' curvatures,
-        so M_out = Σ_k (∂M_out/∂M_k)·I_k, where I_k is node k's own term (its curvature with
-        the inputs' curvatures set to 0). The share of node k is that summand over M_out; it is
-        0 for nodes that create no curvature (linear maps, sums), however large their M.
+        M_out = Σ_k (∂M_out/∂M_k)·I_k, where I_k is node k's own term: its bound minus what it
+        carries from its inputs' curvatures, Σ_i (∂M_k/∂M_i)·M_i (each rule is affine in the
+        inputs' curvatures on the active argument of its minima). The share of node k is that
+        summand over M_out; it is 0 for nodes that create no curvature (linear maps, sums),
+        however large their M.
         """
         return {k: share for k, (_, share) in report.contributions(self).items()}
 

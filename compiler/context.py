@@ -88,6 +88,10 @@ class Transfer:
     #: the smooth map v as a function of the node's single input tensor, when ``error`` > 0: the
     #: certificates run the model's smooth twin with it (apps/certificates.py)
     twin: Callable[[torch.Tensor], torch.Tensor] | None = None
+    #: set on linear merges (sums, differences, concatenations): v = Σ_k P_k(parts_k) + const
+    #: with P_k a linear map from the part's shape to the node's; an affine consumer A then
+    #: distributes over the parts (A·v = Σ_k (A∘P_k)(parts_k), passes/distribute.py)
+    parts: tuple[tuple[fx.Node, LinearOperator], ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,12 @@ These views need nothing beyond the standard library, so they live in the compil
 need an optional extra (a matplotlib plot, an SVG drawn by Graphviz) are functions of the
 applications layer, :mod:`curvbound.views` (``apps/views.py``), so the core never imports them.
 
-**Share of the curvature.** Every curvature rule is positively homogeneous of degree one in its
-inputs' curvatures, so the output's bound splits as M_out = Σ_k (∂M_out/∂M_k)·I_k, where I_k
-("own") is the curvature node k *creates*: its rule's curvature with the inputs' curvatures set to
-0. A node's share is (∂M_out/∂M_k)·I_k / M_out; the shares sum to 1. Linear maps, sums and
-reshapes create no curvature of their own (I_k = 0): they only carry their inputs' curvature on,
+**Share of the curvature.** Every curvature rule is, where it is evaluated, an affine function of
+its inputs' curvatures (a minimum of such functions, each argument a valid bound, on its active
+argument), so the output's bound splits as M_out = Σ_k (∂M_out/∂M_k)·I_k, where I_k ("own") is
+the curvature node k *creates*: its rule's value minus Σ_i (∂M_k/∂M_i)·M_i over its inputs i (for
+a rule without a minimum, its curvature with the inputs' curvatures set to 0). A node's share
+is (∂M_out/∂M_k)·I_k / M_out; the shares sum to 1. Linear maps, sums and reshapes create no curvature of their own (I_k = 0): they only carry their inputs' curvature on,
 so their share is 0 even where their M, the bound of the whole sub-network from the input up to
 that node, is the largest of the table. The table shows "-" for them. A node that does create
 curvature can still have share 0 when the output's bound does not depend on its M (∂M_out/∂M_k =
@@ -42,7 +43,7 @@ FOOTER = (
     "L: Lipschitz bound and M: curvature bound (Lipschitz constant of the Jacobian) of the map\n"
     "   from the network input to the node's output (ℓ2 norms).\n"
     "share: part of the output's curvature bound created at this node, (∂M_out/∂M_node)·own\n"
-    "   / M_out, where own is the node's curvature with its inputs' curvatures set to 0; the\n"
+    "   / M_out, where own is the node's M minus what it carries from its inputs' M; the\n"
     "   shares sum to 100%. '-': the node creates no curvature (linear maps, sums, reshapes only\n"
     "   pass their inputs' curvature on, so a large M there comes from upstream). 'subsumed':\n"
     "   the output's bound does not depend on the node's M: a later rule bounds a stretch of\n"
@@ -104,11 +105,18 @@ def contributions(bf) -> dict[str, tuple[float, float]]:
     for nb in reversed(bf._node_info):
         msyms = [sympy.Symbol(f"M_{i}", nonnegative=True) for i in nb.refs]
         expr = nb.curvature
-        own[nb.name] = float(expr.xreplace({m: sympy.S.Zero for m in msyms}).xreplace(vals))
+        value = float(expr.xreplace(vals))
+        carried = 0.0  # the part of the node's bound carried from its inputs' curvatures
         for i, m in zip(nb.refs, msyms):
             d = sympy.diff(expr, m)
             if d != 0:
-                sens[i] += sens[nb.name] * float(d.xreplace(vals))
+                slope = float(d.xreplace(vals))
+                sens[i] += sens[nb.name] * slope
+                carried += slope * vals[m]
+        mine = value - carried  # Euler residual: exact on the active argument of each minimum
+        if not math.isfinite(mine):  # an infinite bound: what it is with its inputs' M at 0
+            mine = float(expr.xreplace({m: sympy.S.Zero for m in msyms}).xreplace(vals))
+        own[nb.name] = 0.0 if abs(mine) <= 1e-12 * abs(value) else mine
     finite = math.isfinite(total) and total != 0
     return {
         nb.name: (own[nb.name], sens[nb.name] * own[nb.name] / total if finite else math.nan)

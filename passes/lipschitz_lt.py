@@ -50,6 +50,7 @@ from ..compiler.context import Elementwise, RuleContext, Transfer
 from ..compiler.exprs import LazyMin, smin
 from ..compiler.naming import node_label
 from ..runtime.margins import MarginFold, PairLipLT, PairScaledRows, PairVectorNorm
+from .distribute import real_node
 from ..runtime.norms import Norm
 from ..runtime.operators import LinearOperator
 from ..runtime.products import (
@@ -281,8 +282,8 @@ def _block(ctx, seg, n, act, info, quantities, fold, paper: bool = False):
     curv = info.curvature
     loop = abs(c) * p_gw + d * p_g * p_w  # sup over σ' ∈ [lo, hi] of ‖G diag(σ') W‖
     h = None
-    final = paper or any(user.op == "output" for user in ctx.node.users)
-    if hadamard_feasible(G, W, final=final):
+    final = paper or any(user.op == "output" for user in real_node(ctx.node).users)
+    if hadamard_feasible(G, W, final=final, products=not paper and ctx.method != "paper"):
         h = ctx.symbol("hnorm")
         quantities[h] = whole = HadamardNorm(G, W, ctx.norms)
         if ctx.anchor is not None:  # anchored compile: per-sample ‖Â·diag(ρ)‖ (runtime/anchored)

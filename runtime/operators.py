@@ -29,12 +29,17 @@ __all__ = [
     "Scalar",
     "Reshape",
     "FunctionOperator",
+    "Select",
+    "Weighting",
+    "LinearSum",
     "Chain",
     "RowNormScaled",
     "MATERIALIZE_LIMIT",
     "MATERIALIZE_ENTRIES",
     "TIGHTEN_LIMIT",
+    "BORDER_ROWS_MIN",
     "exact_arithmetic",
+    "per_channel_rows",
     "precise",
 ]
 
@@ -45,6 +50,11 @@ MATERIALIZE_LIMIT = 4096
 #: ... and at most this many matrix entries (128 MiB in float64; its SVD takes seconds).
 MATERIALIZE_ENTRIES = 1 << 24
 
+#: Convolutions use their exact per-position row norms (border rows are shorter) in the row-norm
+#: block rule when at least this fraction of the rows are border rows (small feature maps); on
+#: large maps the gain is small and the extra factor would cost certified norms their structure.
+BORDER_ROWS_MIN = 0.25
+
 #: Operators with a structured but possibly loose certified norm (convolutions other than
 #: circular ones) are also materialised, and the smaller bound kept, up to this size.
 TIGHTEN_LIMIT = 1024
@@ -52,6 +62,20 @@ TIGHTEN_LIMIT = 1024
 Shape = tuple[int, ...]
 
 _EXACT = contextvars.ContextVar("curvbound_exact_arithmetic", default=False)
+#: whether :meth:`Conv.row_scaled` uses the exact per-position row norms (see
+#: :func:`per_channel_rows`)
+_BORDER_ROWS = contextvars.ContextVar("curvbound_border_rows", default=True)
+
+
+@contextlib.contextmanager
+def per_channel_rows() -> Iterator[None]:
+    """Inside the block, convolutions' row-scaled operators use the per-channel kernel norms
+    (the paper's Algorithm 1, ``method="paper"``) rather than the exact per-position ones."""
+    token = _BORDER_ROWS.set(False)
+    try:
+        yield
+    finally:
+        _BORDER_ROWS.reset(token)
 
 
 @contextlib.contextmanager
@@ -174,6 +198,8 @@ def _materialize(op: LinearOperator, dtype: torch.dtype) -> Tensor:
     n_in, n_out = _numel(op.in_shape), _numel(op.out_shape)
     ref = op.tensors()
     device = ref[0].device if ref else None
+    if n_in == 0 or n_out == 0:
+        return torch.zeros(n_out, n_in, dtype=torch.float64, device=device)
     chunk = max(1, _MATERIALIZE_CHUNK // max(n_in, n_out, 1))
     parts = []
     if n_in <= n_out:
@@ -381,10 +407,44 @@ class Conv(LinearOperator):
             label=self.label,
         )
 
+    def position_row_norms(self) -> Tensor | None:
+        """The exact row norms per output entry (c, position) for zero padding: a border row
+        holds only the taps that land inside the input, r²[c, p] = Σ_{valid taps} K[c, ·, t]²
+        (the convolution of K² with a ones input); None for other padding modes."""
+        if self.padding_mode != "zeros":
+            return None
+        w = precise(self.weight())
+        conv = F.conv1d if self.dims == 1 else F.conv2d
+        # which taps are in range does not depend on the input channel: one input channel of ones
+        # against Σ_ci K[c, ci, t]² (groups read their own channels, with the same pattern)
+        ones = torch.ones(1, 1, *self.in_shape[1:], dtype=w.dtype, device=w.device)
+        taps = (w * w).sum(1, keepdim=True)
+        r2 = conv(ones, taps, None, self.stride, self.padding, self.dilation, 1)
+        return r2[0].clamp_min(0).sqrt()
+
     def row_scaled(self) -> LinearOperator:
+        """diag(r)·K with the rows' exact norms: diag(r_c)·K (a convolution, per output channel c)
+        followed by the per-position factors r[c, p]/r_c ≤ 1 of the shorter border rows, when
+        there are any (‖diag(r)K‖ is then at most the per-channel value, never above it)."""
         op = self.scaled(lambda: self.row_norms().flatten())
         op.label = f"diag(r){self.label}"
-        return op
+        if not _BORDER_ROWS.get():  # method "paper": the paper's per-channel row norms
+            return op
+        with torch.no_grad():
+            pos = self.position_row_norms()
+            if pos is None:
+                return op
+            full = self.row_norms().to(pos.dtype)
+            shorter = (pos < full * (1 - 1e-12)).to(torch.float64).mean()
+            if float(shorter) < BORDER_ROWS_MIN:  # a large feature map: border rows are few
+                return op
+
+        def border() -> Tensor:
+            r = self.position_row_norms()
+            full = self.row_norms().to(r.dtype)
+            return torch.where(full > 0, r / torch.where(full > 0, full, 1), 0).clamp_max(1)
+
+        return _BorderRows([op, Weighting(border, self.out_shape, "border rows")])
 
     def certified_norm(self) -> Tensor:
         w = self.weight().detach().double()
@@ -427,6 +487,41 @@ class Conv(LinearOperator):
         return f"Conv{self.dims}d({self.label})"
 
 
+class _BorderRows(LinearOperator):
+    """diag(s)·C for a convolution C = diag(r_c)·K and border factors 0 ≤ s ≤ 1 (see
+    :meth:`Conv.row_scaled`). Certified norm: an exact SVD when the smaller side is at most
+    :data:`TIGHTEN_LIMIT`, else ‖C‖·max s from C's structured (per-frequency) bound, never a large
+    materialisation."""
+
+    def __init__(self, ops: list[LinearOperator]):
+        self.chain = Chain(ops)
+        self.conv, self.weights = ops
+        self.in_shape, self.out_shape = self.chain.in_shape, self.chain.out_shape
+
+    def apply(self, x: Tensor) -> Tensor:
+        return self.chain.apply(x)
+
+    def tensors(self) -> list[Tensor]:
+        return self.chain.tensors()
+
+    def certified_norm(self) -> Tensor:
+        n_in, n_out = _numel(self.in_shape), _numel(self.out_shape)
+        bound = self.conv.certified_norm() * self.weights.certified_norm()
+        if min(n_in, n_out) <= TIGHTEN_LIMIT and n_in * n_out <= MATERIALIZE_ENTRIES:
+            bound = torch.minimum(bound, _materialized_norm(self))
+        return bound
+
+    def abs_norm_bound(self) -> Tensor | None:
+        inner = self.conv.abs_norm_bound()
+        return None if inner is None else inner * self.weights.certified_norm()
+
+    def rounding_terms(self) -> int:
+        return self.chain.rounding_terms()
+
+    def describe(self) -> str:
+        return self.chain.describe()
+
+
 def _expand(v, n: int) -> tuple[int, ...]:
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
 
@@ -465,6 +560,91 @@ class Diagonal(LinearOperator):
 
     def describe(self) -> str:
         return f"Diagonal({self.label})"
+
+
+class Weighting(LinearOperator):
+    """x ↦ s ⊙ x for a live per-entry weight s of the full shape (not folded into neighbours,
+    unlike the per-channel :class:`Diagonal`)."""
+
+    def __init__(self, scale: Callable[[], Tensor], shape: Shape, label: str = "s"):
+        self.scale, self.in_shape, self.out_shape, self.label = scale, shape, shape, label
+
+    def apply(self, x: Tensor) -> Tensor:
+        s = precise(self.scale())
+        return x * s.to(x.dtype)
+
+    def tensors(self) -> list[Tensor]:
+        return [self.scale()]
+
+    def row_norms(self) -> Tensor:
+        return precise(self.scale()).abs()
+
+    def certified_norm(self) -> Tensor:
+        return self.scale().detach().double().abs().max()
+
+    def abs_norm_bound(self) -> Tensor:
+        return self.certified_norm()
+
+    def rounding_terms(self) -> int:
+        return 1
+
+    def describe(self) -> str:
+        return self.label
+
+
+class LinearSum(LinearOperator):
+    """x ↦ Σ_k c_k·A_k(x) for operators of one shape (the Jacobian of a residual block at a fixed
+    activation slope, H + c·G·W). Certified norm: the exact SVD of the materialised sum when it is
+    small, else the triangle inequality Σ|c_k|·‖A_k‖ (never above the parts' own bound).
+
+    >>> A = Dense(lambda: torch.eye(2, dtype=torch.float64), (2,), (2,))
+    >>> round(float(LinearSum([(1.0, A), (-0.5, A)]).certified_norm()), 6)
+    0.5
+    """
+
+    def __init__(self, terms: Sequence[tuple[float, LinearOperator]], label: str = ""):
+        self.terms = [(float(c), op) for c, op in terms]
+        first = self.terms[0][1]
+        self.in_shape, self.out_shape = first.in_shape, first.out_shape
+        self.label = label or " + ".join(f"{c:g}·{op.describe()}" for c, op in self.terms)
+
+    def apply(self, x: Tensor) -> Tensor:
+        out = None
+        for c, op in self.terms:
+            y = op.apply(x)
+            y = y if c == 1.0 else c * y
+            out = y if out is None else out + y
+        return out
+
+    def tensors(self) -> list[Tensor]:
+        return [t for _, op in self.terms for t in op.tensors()]
+
+    def certified_norm(self) -> Tensor:
+        try:
+            if self.abs_norm_bound() is None:
+                raise NotImplementedError("a term has no bound on ‖|A|‖")
+            return LinearOperator.certified_norm(self)  # materialised within the size limits
+        except NotImplementedError as exc:
+            out = torch.zeros((), dtype=torch.float64)
+            for c, op in self.terms:
+                out = out + abs(c) * op.certified_norm()
+            self.bound_note = f"‖{self.describe()}‖ ≤ Σ|c_k|·‖A_k‖ (triangle inequality; {exc})"
+            return out
+
+    def abs_norm_bound(self) -> Tensor | None:
+        out = torch.zeros((), dtype=torch.float64)
+        for c, op in self.terms:
+            b = op.abs_norm_bound()
+            if b is None:
+                return None
+            out = out + abs(c) * b.detach().double()
+        return out
+
+    def rounding_terms(self) -> int:
+        return max(op.rounding_terms() for _, op in self.terms) + len(self.terms)
+
+    def describe(self) -> str:
+        return self.label
 
 
 class Scalar(LinearOperator):
@@ -567,6 +747,92 @@ class FunctionOperator(LinearOperator):
         return self.label
 
 
+class Select(LinearOperator):
+    """A coordinate map: output entry k is input entry ``index[k]`` (flat, per sample), or 0 where
+    ``index[k] < 0``. Slicing (each input read at most once) and the slot of one part in a
+    concatenation (zeros elsewhere) are such maps. AᵀA is diagonal with the number of outputs
+    reading each input, so ‖A‖ = √(max count), exactly; each row has one 1 or none.
+
+    Next to a dense layer it folds into the weight (:func:`_fuse`): W·A selects, scatters or
+    zero-pads W's columns and A·W its rows, entry by entry, so the merged matrix is exact and a
+    slice between layers does not cost the block rules their materialised matrices.
+
+    >>> s = Select.of(lambda x: x[:, 1:3], (4,))
+    >>> s.index.tolist(), float(s.certified_norm())
+    ([1, 2], 1.0)
+    >>> s.apply(torch.tensor([[5.0, 6.0, 7.0, 8.0]])).tolist()
+    [[6.0, 7.0]]
+    """
+
+    def __init__(self, index: Tensor, in_shape: Shape, out_shape: Shape, label: str = "select"):
+        self.index, self.in_shape, self.out_shape, self.label = index, in_shape, out_shape, label
+        valid = index[index >= 0]
+        counts = torch.bincount(valid, minlength=_numel(in_shape)) if valid.numel() else None
+        self.multiplicity = int(counts.max()) if counts is not None else 0
+        self._gather = torch.where(index >= 0, index, _numel(in_shape))  # → an appended zero
+
+    @staticmethod
+    def of(fn: Callable[[Tensor], Tensor], in_shape: Shape, label: str = "select") -> Select:
+        """The coordinate map of ``fn`` (an indexing/concatenation of one sample's entries),
+        found by applying it to the entry numbers 1..n (0 marks an entry that is not read)."""
+        n = _numel(in_shape)
+        probe = torch.arange(1, n + 1, dtype=torch.float64).reshape(1, *in_shape)
+        out = fn(probe)
+        return Select(out.reshape(-1).round().long() - 1, tuple(in_shape), tuple(out.shape[1:]),
+                      label)
+
+    @property
+    def injective(self) -> bool:
+        """Each input entry is read at most once."""
+        return self.multiplicity <= 1
+
+    def apply(self, x: Tensor) -> Tensor:
+        flat = x.reshape(x.shape[0], -1)
+        flat = torch.cat([flat, flat.new_zeros(flat.shape[0], 1)], dim=1)
+        idx = self._gather.to(flat.device)
+        return flat[:, idx].reshape(x.shape[0], *self.out_shape)
+
+    def row_norms(self) -> Tensor:
+        return (self.index >= 0).to(torch.float64).reshape(self.out_shape)
+
+    def certified_norm(self) -> Tensor:
+        return torch.tensor(float(self.multiplicity), dtype=torch.float64).sqrt()
+
+    def abs_norm_bound(self) -> Tensor:
+        return self.certified_norm()  # |A| = A
+
+    def rounding_terms(self) -> int:
+        return 1
+
+    def describe(self) -> str:
+        return self.label
+
+    def select_columns(self, w: Tensor) -> Tensor:
+        """W·A for a matrix W acting on this map's (flat) output: W's columns moved to the
+        inputs they read (injective maps only: no column is a sum)."""
+        out = w.new_zeros(w.shape[0], _numel(self.in_shape))
+        keep = (self.index >= 0).nonzero().reshape(-1).to(w.device)
+        return out.index_copy(1, self.index.to(w.device)[keep], w[:, keep])
+
+    def select_rows(self, w: Tensor) -> Tensor:
+        """A·W for a matrix W whose output is this map's (flat) input."""
+        w = torch.cat([w, w.new_zeros(1, w.shape[1])])
+        return w[self._gather.to(w.device)]
+
+
+def _dense_select(a: LinearOperator, b: LinearOperator) -> LinearOperator | None:
+    """b∘a as one dense layer when one of them is a :class:`Select` and the other a flat dense."""
+    flat = lambda d: isinstance(d, Dense) and len(d.in_shape) == len(d.out_shape) == 1  # noqa: E731
+    if isinstance(a, Select) and flat(b) and a.injective and len(a.in_shape) == 1 \
+            and len(a.out_shape) == 1:
+        return Dense(lambda: a.select_columns(precise(b.weight())), a.in_shape, b.out_shape,
+                     f"{b.label}·{a.label}")
+    if isinstance(b, Select) and flat(a) and len(b.in_shape) == 1 and len(b.out_shape) == 1:
+        return Dense(lambda: b.select_rows(precise(a.weight())), a.in_shape, b.out_shape,
+                     f"{b.label}·{a.label}")
+    return None
+
+
 class RowNormScaled(LinearOperator):
     """diag(r)·A for any operator A with known row-norm bounds r."""
 
@@ -601,7 +867,10 @@ class RowNormScaled(LinearOperator):
 
 
 def _fuse(a: LinearOperator, b: LinearOperator) -> LinearOperator | None:
-    """b∘a as one operator of the same kind when that is exact and cheap (folds batch norm)."""
+    """b∘a as one operator of the same kind when that is exact and cheap (folds batch norm,
+    coordinate selections next to dense layers)."""
+    if isinstance(a, Select) or isinstance(b, Select):
+        return _dense_select(a, b)
     if isinstance(b, Diagonal) and isinstance(a, Conv):
         return a.scaled(b.scale)
     if isinstance(b, Diagonal) and isinstance(a, Dense) and len(a.out_shape) == 1:

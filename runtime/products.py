@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .certified import certify, dense_norm, rounding_factor
+from .conv_products import conv_product_norm
 from .norms import Norm, Quantity
 from .operators import (
     MATERIALIZE_LIMIT,
@@ -177,6 +178,12 @@ class ProductChain(Chain):
         small = n_in * n_out <= PRODUCT_ENTRY_LIMIT and min(n_in, n_out) <= MATERIALIZE_LIMIT
         if small and cost <= PRODUCT_COST_LIMIT:
             return LinearOperator.certified_norm(self)
+        structured = conv_product_norm(self.ops)  # zero-padded convolutions: interior/border split
+        if structured is not None:
+            self.bound_note = (f"‖{self.describe()}‖ ≤ √(‖composed conv‖² + ‖border columns‖²) "
+                               "(runtime/conv_products.py)")
+            self.structured = True
+            return structured
         raise NotImplementedError(
             f"the product {self.describe()} ({self.in_shape} -> {self.out_shape}) is too costly "
             "to materialise"
@@ -394,9 +401,16 @@ class ProductNorm(Norm):
         if not self.certified:
             return super().forward()
         try:
-            return super().forward()
+            value = super().forward()
         except NotImplementedError:
-            pass
+            value = None
+        if value is not None and not getattr(self.op, "structured", False):
+            return value
+        if value is not None:  # a structured bound: the best split into factors may still win
+            try:
+                return torch.minimum(value, self._best_split())
+            except NotImplementedError:
+                return value
         with exact_arithmetic(), torch.no_grad():
             current = [t.detach() for t in self.op.tensors()]
             value = self._cached(current)
@@ -435,15 +449,25 @@ class ProductNorm(Norm):
         return out
 
 
-def hadamard_feasible(G: LinearOperator, W: LinearOperator, *, final: bool = False) -> bool:
-    """Whether ‖Â‖ of the block G σ(W·) is computed: single-factor G and W (exact matrices), hidden
-    width m ≤ :data:`HADAMARD_HIDDEN_LIMIT` and, unless ``final`` (the output block, which the
-    paper's Algorithm 1 always needs), m²·(out + in + m) ≤ :data:`HADAMARD_COST_LIMIT`."""
+def hadamard_feasible(G: LinearOperator, W: LinearOperator, *, final: bool = False,
+                      products: bool = True) -> bool:
+    """Whether ‖Â‖ of the block G σ(W·) is computed: a single-factor W and G (exact matrices) or,
+    with ``products``, a G of several factors cheap to materialise (a linear map distributed over
+    a merge); hidden width m ≤ :data:`HADAMARD_HIDDEN_LIMIT` and, unless ``final`` (the output
+    block, which the paper's Algorithm 1 always needs), m²·(out + in + m) ≤
+    :data:`HADAMARD_COST_LIMIT`."""
     m = _numel(G.in_shape)
     if m != _numel(W.out_shape) or m > HADAMARD_HIDDEN_LIMIT:
         return False
-    if not (single_core(G) and single_core(W)):
+    if not single_core(W):
         return False
+    if not single_core(G):
+        if not products:  # method "paper": single-factor matrices only, as published
+            return False
+        # a product G = A_k⋯A_1 (a linear map distributed over a residual branch): materialised
+        # per evaluation, with its rounding bounded through ‖|A_k|⋯|A_1|‖ in certified mode
+        if G.abs_norm_bound() is None or m * apply_cost(G) > PRODUCT_COST_LIMIT:
+            return False
     if max(_numel(G.out_shape), _numel(W.in_shape)) * m > PRODUCT_ENTRY_LIMIT:
         return False
     return final or m * m * (_numel(G.out_shape) + _numel(W.in_shape) + m) <= HADAMARD_COST_LIMIT
@@ -539,6 +563,14 @@ class HadamardNorm(Quantity):
 
     def _certified(self) -> Tensor:
         g, w = (t.detach().double() for t in self.matrices())
+        # G of several factors is materialised with rounding: Ĝ = G + Δ, ‖Δ‖₂ ≤ 2γ_p‖|A_k|⋯|A_1|‖
+        # (as in operators._materialized_norm), and ‖Â_G‖ ≤ ‖Â_Ĝ‖ + ‖Δ‖₂·max_j‖w_j‖ because
+        # ‖Δ diag(v) W‖_F ≤ ‖Δ‖₂‖diag(v)W‖_F ≤ ‖Δ‖₂·max_j‖w_j‖ for a unit v.
+        slack = 0.0
+        if not single_core(self.G):
+            p = 2 * self.G.rounding_terms() + 4
+            delta = 2 * _gamma(p) * float(self.G.abs_norm_bound())
+            slack = delta * float(w.norm(dim=1).max()) * (1 + 1e-6)
         a1, a2 = g.T @ g, w @ w.T
         s = a1 * a2
         # |Â1 − GᵀG| ≤ γ|G|ᵀ|G|, |Â2 − WWᵀ| ≤ γ|W||W|ᵀ (dot products; +8 covers the entries' own
@@ -547,7 +579,7 @@ class HadamardNorm(Quantity):
         e2 = _gamma(w.shape[1] + 8) * (w.abs() @ w.abs().T)
         err = (e1 * (a2.abs() + e2) + a1.abs() * e2 + _U * s.abs()) * (1 + 1e-6)
         lam = dense_norm(s) + torch.linalg.matrix_norm(err)  # λ_max(S) ≤ ‖Ŝ‖₂ + ‖S − Ŝ‖_F
-        return certify(torch.sqrt(lam) * (1 + 4 * _U))
+        return certify((torch.sqrt(lam) + slack) * (1 + 4 * _U))
 
     def extra_repr(self) -> str:
         return f"{self.label}, mode={self.mode}"

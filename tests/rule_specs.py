@@ -213,6 +213,47 @@ def act(m):
     return lambda: Fn(m)
 
 
+class Branches(nn.Module):
+    """Merges followed by affine maps, where the distribute pass and the general block apply:
+    ``kind`` = "residual" (out(z + G σ(W z))), "residual_sigma" (out(z − σ(W z))), "concat"
+    (out(cat(σ(A x), B x))), "self_concat" (out(cat(σ(Ax), σ(Ax)))), "slice" (a slice between two
+    dense layers), "conv_residual" (a convolutional skip connection)."""
+
+    def __init__(self, kind: str, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.kind = kind
+        if kind == "conv_residual":
+            self.w = nn.Conv2d(2, 3, 3, padding=1)
+            self.g = nn.Conv2d(3, 2, 3, padding=1)
+            self.out = nn.Linear(2 * 3 * 3, 3)
+        elif kind == "slice":
+            self.w, self.g, self.out = nn.Linear(3, 8), nn.Linear(5, 6), nn.Linear(6, 3)
+        else:
+            self.w, self.g = nn.Linear(3, 6), nn.Linear(6 if kind != "concat" else 3, 3)
+            width = {"concat": 9, "self_concat": 12}.get(kind, 3)
+            self.out = nn.Linear(width, 3)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 1.2)
+
+    def forward(self, x):
+        k = self.kind
+        if k == "residual":
+            return self.out(x + self.g(torch.tanh(self.w(x))))
+        if k == "residual_sigma":
+            return self.out(x - F.softplus(self.w(x))[:, :3])
+        if k == "concat":
+            return self.out(torch.cat([torch.tanh(self.w(x)), self.g(x)], dim=1))
+        if k == "self_concat":
+            a = torch.sigmoid(self.w(x))
+            return self.out(torch.cat([a, a], dim=1))
+        if k == "slice":
+            return self.out(torch.tanh(self.g(torch.tanh(self.w(x))[:, 2:7])))
+        h = x + self.g(torch.tanh(self.w(x)))
+        return self.out(h.flatten(1))
+
+
 SPECS: list[Spec] = [
     # -- activations: module, torch function, functional and method forms --------------------
     Spec("tanh", (nn.Tanh, torch.tanh, "tanh"),
@@ -332,4 +373,13 @@ SPECS: list[Spec] = [
         operator.getitem, torch.cat, torch.concat, torch.stack, torch.mean, "mean", torch.sum,
         "sum",
     ), lambda: Shapes(), (2, 5, 5)),
+    # -- merges followed by affine maps (passes/distribute.py, passes/residual.py) ---------------
+    Spec("residual block", (operator.add,), lambda: Branches("residual"), (3,)),
+    Spec("residual σ", (operator.sub, operator.getitem), lambda: Branches("residual_sigma"),
+         (3,)),
+    Spec("concat → linear", (torch.cat,), lambda: Branches("concat"), (3,)),
+    Spec("self concat → linear", (torch.cat,), lambda: Branches("self_concat"), (3,)),
+    Spec("slice between layers", (operator.getitem,), lambda: Branches("slice"), (3,)),
+    Spec("conv residual", (operator.add, nn.Conv2d), lambda: Branches("conv_residual"),
+         (2, 3, 3)),
 ]

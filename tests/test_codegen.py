@@ -44,12 +44,35 @@ EXPECTED = '''def bound(q):
     L_softplus = L_fc2
     M_softplus = M_fc2 + 0.5*torch.minimum(L_fc2**2, L_tanh**2*rnorm_softplus)
     # add: call_function operator.add -> rule linear.add
-    L_add = L_softplus + L_tanh
-    M_add = M_softplus + M_tanh
+    #   general block h = αz + βGσ(Wz + b)
+    resnorm_add = q['resnorm_add']()
+    resgnorm_add = q['resgnorm_add']()
+    reshnorm_add = q['reshnorm_add']()
+    c0_add = resnorm_add + 0.5*norm_fc2*resgnorm_add
+    L_add = torch.minimum(L_tanh*c0_add, L_softplus + L_tanh)
+    M_add = torch.minimum(M_softplus + M_tanh, M_tanh*c0_add + 0.5*torch.minimum(torch.minimum(L_fc2*L_tanh*reshnorm_add, L_fc2**2*resgnorm_add), L_tanh**2*resgnorm_add*rnorm_softplus))
     # out: call_module torch.nn.modules.linear.Linear -> rule linear.linear
+    #   distributed over the 2 parts of add: min(own, Σ parts, general block)
     norm_out = q['norm_out']()
-    L_out = L_add*norm_out
-    M_out = M_add*norm_out
+    norm_out_p0 = q['norm_out_p0']()
+    lt_fc1_out_p0 = q['lt_fc1_out_p0']()
+    liplt_out_p0 = q['liplt_out_p0']()
+    hnorm_out_p0 = q['hnorm_out_p0']()
+    norm_out_p1 = q['norm_out_p1']()
+    lt_fc2_out_p1 = q['lt_fc2_out_p1']()
+    lt_fc1_out_p1 = q['lt_fc1_out_p1']()
+    liplt_out_p1 = q['liplt_out_p1']()
+    hnorm_out_p1 = q['hnorm_out_p1']()
+    resoutnorm_out = q['resoutnorm_out']()
+    resoutgnorm_out = q['resoutgnorm_out']()
+    resouthnorm_out = q['resouthnorm_out']()
+    c0_out = 0.5*norm_fc2
+    c1_out = resoutnorm_out + c0_out*resoutgnorm_out
+    c2_out = L_fc2*L_tanh
+    c3_out = L_fc2**2
+    c4_out = L_tanh**2*rnorm_softplus
+    L_out = torch.minimum(torch.minimum(L_add*norm_out, L_tanh*c1_out), liplt_out_p0 + liplt_out_p1)
+    M_out = torch.minimum(torch.minimum(M_add*norm_out, M_tanh*c1_out + 0.5*torch.minimum(torch.minimum(c2_out*resouthnorm_out, c3_out*resoutgnorm_out), c4_out*resoutgnorm_out)), 0.769800358919501*torch.minimum(torch.minimum(L_fc1*hnorm_out_p0, norm_out_p0*rnorm_tanh), L_fc1**2*norm_out_p0) + torch.minimum(M_fc2*norm_out_p1, M_tanh*(0.5*lt_fc2_out_p1 + c0_out*norm_out_p1)) + 0.5*torch.minimum(torch.minimum(c2_out*hnorm_out_p1, c3_out*norm_out_p1), c4_out*norm_out_p1))
     return L_out, M_out, {'x': (L_x, M_x), 'fc1': (L_fc1, M_fc1), 'tanh': (L_tanh, M_tanh), 'fc2': (L_fc2, M_fc2), 'softplus': (L_softplus, M_softplus), 'add': (L_add, M_add), 'out': (L_out, M_out)}
 '''
 

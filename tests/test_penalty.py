@@ -313,7 +313,12 @@ def test_training_doc_walk_through_runs_and_its_claims_hold():
     assert pen[4] > plain[4] + 0.3  # and far more certified at eps = 0.3
     if data.has_dataset("mnist"):  # the doc shows this very output (bounds may tighten a bit)
         shown = _doc_blocks("text")[0].strip().splitlines()
-        assert len(shown) == len(out) and shown[:6] == out[:6], "docs/training.md is stale"
+        assert len(shown) == len(out), "docs/training.md is stale"
+        # the trajectory depends on float reduction order (threads, BLAS): 10 % on the steps
+        for a, b in zip(shown[:6], out[:6]):
+            assert a.split()[:2] == b.split()[:2], "docs/training.md is stale"
+            for u, v in zip(a.split()[3::2], b.split()[3::2]):
+                assert abs(float(u) - float(v)) <= 0.1 * abs(float(v)), "docs/training.md is stale"
         for a, b in zip(shown[-2:], out[-2:]):
             for u, v in zip(a.split()[1:], b.split()[1:]):
                 assert abs(float(u) - float(v)) <= 0.05 * max(1.0, abs(float(v)))

@@ -15,7 +15,7 @@ from ...compiler.errors import RegistrationError
 from ...compiler.exprs import smin
 from ...compiler.naming import node_label
 from ...compiler.registry import DEFAULT_REGISTRY
-from ...runtime.operators import FunctionOperator, Reshape, Scalar
+from ...runtime.operators import FunctionOperator, Reshape, Scalar, per_channel_rows
 
 __all__ = [
     "register",
@@ -160,7 +160,11 @@ def elementwise_transfer(
         and not op.isometric
         and getattr(op, "core", [op])
     ):
-        scaled = op.row_scaled()
+        if ctx.method == "paper":  # Algorithm 1 as published: per-channel conv row norms
+            with per_channel_rows():
+                scaled = op.row_scaled()
+        else:
+            scaled = op.row_scaled()
         if scaled is not None:
             sym, q = ctx.norm(scaled, "rnorm")
             quantities = {sym: q}

@@ -17,8 +17,10 @@ from torch import fx, nn
 from ...compiler.assemble import Decline
 from ...compiler.codegen import round_up
 from ...compiler.context import RuleContext, Transfer
+from ...compiler.exprs import smin
 from ...runtime import certified
-from ...runtime.operators import Conv, Dense, Diagonal, FunctionOperator, precise
+from ...runtime.operators import Conv, Dense, Diagonal, FunctionOperator, Scalar, precise
+from ..residual import general_block
 from .base import broadcast_factor, number, register, scaled
 
 __all__: list[str] = []
@@ -233,7 +235,18 @@ def _sum_transfer(ctx: RuleContext, coef: dict[fx.Node, float]) -> Transfer:
         L += k * ctx.L(u)
         M += k * ctx.M(u)
         gains[u] = k
-    return Transfer(L, M, gains=gains)
+    # v = Σ c_u·u: an affine consumer distributes over the terms (passes/distribute.py); terms
+    # broadcast to a larger shape are left alone
+    shape = ctx.shape()
+    parts = None
+    if all(ctx.shape(u) == shape for u in coef):
+        parts = tuple((u, Scalar(c, shape)) for u, c in coef.items())
+    # a skip connection around a branch G σ(W z + b): the general block (passes/residual.py)
+    block = general_block(ctx, coef) if parts is not None else None
+    if block is None:
+        return Transfer(L, M, gains=gains, parts=parts)
+    return Transfer(smin(L, block.lipschitz), smin(M, block.curvature), block.quantities,
+                    gains=gains, parts=parts, note="general block h = αz + βGσ(Wz + b)")
 
 
 def _bcast(ctx: RuleContext, u: fx.Node) -> sympy.Expr:

@@ -12,7 +12,7 @@ from torch import fx, nn
 
 from ...compiler.assemble import Decline
 from ...compiler.context import RuleContext, Transfer
-from ...runtime.operators import FunctionOperator, Reshape
+from ...runtime.operators import FunctionOperator, Reshape, Select
 from .base import identity, register
 
 __all__: list[str] = []
@@ -127,17 +127,10 @@ def getitem(node: fx.Node, ctx: RuleContext) -> Transfer:
     first = (idx if isinstance(idx, tuple) else (idx,))[0]
     if not (first is Ellipsis or first == slice(None, None, None)):
         raise Decline("indexing the batch dimension mixes samples; index as x[:, ...]")
-    ones = lambda: torch.ones((), dtype=torch.float64)  # noqa: E731
-    op = FunctionOperator(
-        lambda x: x[idx],
-        ctx.shape(u),
-        ctx.shape(),
-        norm_bound=ones,
-        rows=ones,
-        abs_bound=ones,
-        label=f"[{idx}]",
-    )
-    return ctx.linear(op, u, norm=1)
+    # a coordinate selection (each entry read at most once): it folds into a neighbouring dense
+    # layer exactly, so slicing between layers keeps the block rules' exact matrices
+    op = Select.of(lambda x: x[idx], ctx.shape(u), label=f"[{idx}]")
+    return ctx.linear(op, u, norm=1 if op.multiplicity else 0)
 
 
 @register(torch.cat, torch.concat, torch.stack)
@@ -156,8 +149,32 @@ def cat(node: fx.Node, ctx: RuleContext) -> Transfer:
     for p in parts:
         if not ctx.is_constant(p):
             gains[p] = gains.get(p, 0) + sympy.Integer(1)
+    parts_ = _slots(ctx, parts, dim)
     if len(ls) == 1:
-        return Transfer(ls[0], ms[0], gains=gains)
+        return Transfer(ls[0], ms[0], gains=gains, parts=parts_)
     return Transfer(
-        sympy.sqrt(sum(x**2 for x in ls)), sympy.sqrt(sum(x**2 for x in ms)), gains=gains
+        sympy.sqrt(sum(x**2 for x in ls)), sympy.sqrt(sum(x**2 for x in ms)), gains=gains,
+        parts=parts_,
     )
+
+
+def _slots(ctx: RuleContext, parts, dim: int) -> tuple | None:
+    """Each input-dependent part p_k with the coordinate map placing it in the result (zeros
+    elsewhere): v = Σ_k P_k(p_k) + constants. None for torch.stack of a single part and for
+    parts without a tensor shape."""
+    try:
+        shapes = [ctx.shape(p) if isinstance(p, fx.Node) else tuple(p.shape[1:]) for p in parts]
+    except (ValueError, AttributeError):
+        return None
+    stack = ctx.node.target is torch.stack
+    out = []
+    for k, p in enumerate(parts):
+        if ctx.is_constant(p):
+            continue
+
+        def place(x, k=k):  # x: one part's batch; the other parts zero
+            zs = [x if j == k else x.new_zeros(x.shape[0], *shapes[j]) for j in range(len(parts))]
+            return torch.stack(zs, dim) if stack else torch.cat(zs, dim)
+
+        out.append((p, Select.of(place, shapes[k], label=f"slot {k} of {ctx.node.name}")))
+    return tuple(out)

@@ -1,0 +1,160 @@
+"""Certified norms of products of zero-padded convolutions (issue 13).
+
+A product T = A_k⋯A_1 of zero-padded convolutions (groups 1, dilation 1) differs from the single
+convolution T' with the composed kernel K = K_k ⊛ ⋯ ⊛ K_1 (each K_l dilated by the stride before
+it), composed stride Π s_l and padding Σ_l (Π_{m<l} s_m)·p_l, only through the zero padding
+*between* the layers: T' keeps the values an intermediate layer would have just outside its map,
+T sets them to 0. An input entry whose forward cone stays inside every intermediate map never
+reaches those positions, so on such *interior* columns T = T'. With B the projection onto the
+other (border) columns and ‖x‖² = ‖(I − B)x‖² + ‖Bx‖²,
+
+    ‖T x‖ ≤ ‖T'(I − B)x‖ + ‖T B x‖ ≤ ‖T'‖·‖(I − B)x‖ + ‖T B‖·‖Bx‖,  so  ‖T‖ ≤ √(‖T'‖² + ‖TB‖²)
+
+(Cauchy–Schwarz). ‖T'‖ is one convolution's certified per-frequency norm
+(:func:`curvbound.runtime.certified.conv_norm`; the composed kernel is computed in float64 and
+its rounding bounded through the Schur test of |K_k| ⊛ ⋯ ⊛ |K_1|), and T B has only as many
+columns as there are border entries, so it is materialised and its SVD taken, with the rounding
+bound of :func:`curvbound.runtime.operators._materialized_norm`. This pays off when the input has
+few channels (the first layers of a CNN): on the CIFAR 6C2F the bound is 1.08–1.21 times the
+product's power-iteration estimate, against 1.4–3.8 for the best split into certified factors.
+Products with too many border columns return None (the caller keeps its fallback).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import certified
+from .operators import (
+    MATERIALIZE_ENTRIES,
+    MATERIALIZE_LIMIT,
+    Chain,
+    Conv,
+    LinearOperator,
+    Select,
+    _expand,
+    _materialized_norm,
+    _numel,
+    precise,
+)
+
+__all__ = ["conv_product_norm", "interior_mask", "composed_kernel"]
+
+_U = 2.0**-53
+#: At most this many multiply-adds for materialising the border columns T·B.
+BORDER_COST_LIMIT = 1.2e10
+
+
+def _gamma(n: int) -> float:
+    return n * _U / (1 - n * _U)
+
+
+def _geometry(convs: list[Conv]) -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """Per convolution: (kernel size, stride, padding) per spatial axis, or raises ValueError for
+    what the composition does not cover."""
+    out = []
+    for c in convs:
+        if c.groups != 1 or c.padding_mode != "zeros":
+            raise ValueError("groups or padding mode")
+        if any(d != 1 for d in _expand(c.dilation, c.dims)):
+            raise ValueError("dilation")
+        pads = c._pads()
+        if any(lo != hi for lo, hi in pads):
+            raise ValueError("asymmetric padding")
+        k = tuple(c.weight().shape[2:])
+        out.append((k, _expand(c.stride, c.dims), tuple(lo for lo, _ in pads)))
+    return out
+
+
+def composed_kernel(convs: list[Conv], absolute: bool = False):
+    """(K, stride, padding) of the single convolution equal to the product without the masks
+    between layers (module docstring); |K_l| throughout with ``absolute``."""
+    geo = _geometry(convs)
+    transpose = F.conv_transpose1d if convs[0].dims == 1 else F.conv_transpose2d
+    K = precise(convs[0].weight()).double()
+    K = K.abs() if absolute else K
+    stride, pad = geo[0][1], geo[0][2]
+    for c, (_, s, p) in zip(convs[1:], geo[1:]):
+        w = precise(c.weight()).double()
+        w = w.abs() if absolute else w
+        K = transpose(w, K, stride=stride)
+        pad = tuple(P + S * q for P, S, q in zip(pad, stride, p))
+        stride = tuple(S * t for S, t in zip(stride, s))
+    return K, stride, pad
+
+
+def interior_mask(convs: list[Conv]) -> Tensor:
+    """Boolean mask over the input's spatial positions: True where the forward cone of the
+    position stays inside the map of every layer but the last."""
+    geo = _geometry(convs)
+    spatial = convs[0].in_shape[1:]
+    axes = []
+    for ax, n0 in enumerate(spatial):
+        ok = []
+        for i in range(n0):
+            lo = hi = i
+            n = n0
+            inside = True
+            for k, s, p in geo[:-1]:
+                kk, ss, pp = k[ax], s[ax], p[ax]
+                lo, hi = -((-(lo + pp - kk + 1)) // ss), (hi + pp) // ss
+                n = (n + 2 * pp - kk) // ss + 1
+                if lo < 0 or hi > n - 1:
+                    inside = False
+                    break
+            ok.append(inside)
+        axes.append(torch.tensor(ok))
+    mask = axes[0]
+    for a in axes[1:]:
+        mask = mask[..., None] & a
+    return mask
+
+
+def _schur(K: Tensor) -> float:
+    """Schur-test bound √(max row sum · max column sum) on the norm of the zero-padded
+    convolution with a nonnegative kernel K (each tap meets an input entry at most once)."""
+    rows = float(K.flatten(1).sum(1).max())
+    cols = float(K.transpose(0, 1).flatten(1).sum(1).max())
+    return math.sqrt(rows * cols)
+
+
+def conv_product_norm(ops: list[LinearOperator]) -> Tensor | None:
+    """Certified ‖ops[-1]∘⋯∘ops[0]‖ for zero-padded convolutions by the interior/border split
+    (module docstring), or None when the product is not covered or too costly."""
+    if len(ops) < 2 or not all(isinstance(o, Conv) for o in ops):
+        return None
+    try:
+        K, stride, pad = composed_kernel(ops)
+        K_abs, _, _ = composed_kernel(ops, absolute=True)
+        inner = interior_mask(ops)
+    except ValueError:
+        return None
+    in_shape, out_shape = tuple(ops[0].in_shape), tuple(ops[-1].out_shape)
+    conv = F.conv1d if ops[0].dims == 1 else F.conv2d
+    probe = torch.zeros(1, *in_shape, dtype=torch.float64, device="meta")
+    if tuple(conv(probe, K.to("meta"), None, stride, pad).shape[1:]) != out_shape:
+        return None
+    c_in = in_shape[0]
+    border = (~inner).expand(c_in, *inner.shape).reshape(-1)
+    n_border = int(border.sum())
+    n_out = _numel(out_shape)
+    cost = float(n_border) * sum(_numel(o.out_shape) * o.weight()[0].numel() for o in ops)
+    if n_border and (min(n_border, n_out) > MATERIALIZE_LIMIT
+                     or n_border * n_out > MATERIALIZE_ENTRIES or cost > BORDER_COST_LIMIT):
+        return None
+    # ‖T'‖: the composed kernel's certified norm, plus the rounding of K (|K̂ − K| ≤ γ_p·|K|⊛…)
+    terms = sum(o.weight()[0].numel() for o in ops) + 4 * len(ops)
+    a = certified.conv_norm(K, in_shape, stride=stride, padding=pad, dilation=1, groups=1)
+    a = a + _gamma(terms) * _schur(K_abs) * (1 + 1e-6)
+    if not n_border:
+        return a
+    # ‖T B‖: the border columns, materialised (exact SVD with a rounding bound)
+    index = torch.full((_numel(in_shape),), -1, dtype=torch.long)
+    index[border] = torch.arange(n_border)
+    embed = Select(index, (n_border,), in_shape, label="border columns")
+    b = _materialized_norm(Chain([embed, *ops]))
+    return torch.sqrt(a.double() ** 2 + b.double() ** 2) * (1 + 4 * _U)

@@ -1,0 +1,245 @@
+"""Branching networks (issue 13): coordinate selections, exact per-position conv row norms, the
+general block h = Hz + Gσ(Wz + b) and linear maps distributed over merges, each checked against
+an independent computation (dense matrices, SVDs, brute-force formulas, empirical lower bounds).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import curvbound
+from curvbound import pipeline
+from curvbound.apps.empirical import Margin, curvature_lower_bound, hessian_lower_bound
+from curvbound.passes.lipschitz_lt import refine_affine
+from curvbound.runtime.operators import (
+    Chain,
+    Conv,
+    Dense,
+    LinearSum,
+    Select,
+    _materialize,
+    exact_arithmetic,
+)
+from curvbound.runtime.products import HadamardNorm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rule_specs import Branches  # noqa: E402
+
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """float64 throughout this module (restored afterwards: other modules use the default)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def _matrix(op) -> torch.Tensor:
+    with exact_arithmetic():
+        return _materialize(op, torch.float64)
+
+
+def _sigma1(a: torch.Tensor) -> float:
+    return float(torch.linalg.matrix_norm(a, ord=2))
+
+
+@pytest.mark.parametrize("fn, shape", [
+    (lambda x: x[:, 1:4], (6,)),
+    (lambda x: x[:, ::2], (7,)),
+    (lambda x: x[:, :, 1:, ::3], (2, 4, 5)),
+    (lambda x: torch.cat([x, torch.zeros_like(x)], 1), (3,)),
+    (lambda x: torch.cat([x, x], 1), (3,)),
+    (lambda x: torch.stack([torch.zeros_like(x), x], 1), (2, 3)),
+])
+def test_select_is_the_coordinate_map_and_its_norm_is_exact(fn, shape):
+    s = Select.of(fn, shape)
+    x = torch.randn(5, *shape)
+    assert torch.equal(s.apply(x), fn(x))
+    a = _matrix(s)
+    assert float(s.certified_norm()) == pytest.approx(_sigma1(a), rel=1e-12)
+    assert torch.equal(s.row_norms().reshape(-1), a.norm(dim=1))
+
+
+def test_select_folds_into_dense_layers_exactly():
+    w1, w2 = torch.randn(8, 3), torch.randn(4, 5)
+    first = Dense(lambda: w1, (3,), (8,))
+    sl = Select.of(lambda x: x[:, 2:7], (8,))
+    second = Dense(lambda: w2, (5,), (4,))
+    rows = Chain.of([first, sl])  # a slice after a dense layer: its rows
+    cols = Chain.of([sl, second])  # a slice before one: its columns, zeros elsewhere
+    assert isinstance(rows, Dense) and isinstance(cols, Dense)
+    assert torch.equal(rows.weight(), w1[2:7])
+    expected = torch.zeros(4, 8)
+    expected[:, 2:7] = w2
+    assert torch.equal(cols.weight(), expected)
+    both = Chain.of([first, sl, second])
+    assert torch.allclose(_matrix(both), w2 @ w1[2:7], atol=1e-12)
+    # a slot that reads an entry twice is not folded (its columns would be sums)
+    twice = Select.of(lambda x: torch.cat([x, x], 1), (3,))
+    assert not twice.injective
+    assert not isinstance(Chain.of([twice, Dense(lambda: torch.randn(2, 6), (6,), (2,))]), Dense)
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(in_shape=(2, 5, 6), w=(3, 2, 3, 3), stride=1, padding=1, dilation=1, groups=1),
+    dict(in_shape=(2, 7, 6), w=(3, 2, 4, 4), stride=2, padding=1, dilation=1, groups=1),
+    dict(in_shape=(4, 6), w=(4, 2, 3), stride=2, padding=2, dilation=2, groups=2),
+    dict(in_shape=(1, 2, 2), w=(3, 1, 3, 3), stride=1, padding=1, dilation=1, groups=1),
+])
+def test_conv_position_row_norms_are_the_rows_of_the_matrix(cfg):
+    w = torch.randn(*cfg.pop("w"))
+    in_shape = cfg.pop("in_shape")
+    conv = nn.Conv2d if len(in_shape) == 3 else nn.Conv1d
+    out_shape = tuple(getattr(torch.nn.functional, conv.__name__.lower())(
+        torch.zeros(1, *in_shape), w, None, **cfg).shape[1:])
+    op = Conv(lambda: w, in_shape, out_shape, **cfg)
+    a = _matrix(op)
+    rows = a.norm(dim=1).reshape(out_shape)
+    assert torch.allclose(op.position_row_norms(), rows, rtol=1e-12, atol=1e-14)
+    assert bool((op.row_norms() >= rows * (1 - 1e-12)).all())  # the per-channel bound
+    scaled = _matrix(op.row_scaled())
+    assert torch.allclose(scaled, rows.reshape(-1, 1) * a, rtol=1e-12, atol=1e-14)
+    cert = float(op.row_scaled().certified_norm())
+    assert cert >= _sigma1(rows.reshape(-1, 1) * a) * (1 - 1e-12)
+
+
+def test_linear_sum_norm_is_certified_above_the_exact_value():
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(4, 4, generator=g)
+    H = Dense(lambda: h, (4,), (4,))
+    W = torch.randn(6, 4, generator=g)
+    G = torch.randn(4, 6, generator=g)
+    GW = Chain([Dense(lambda: W, (4,), (6,)), Dense(lambda: G, (6,), (4,))])
+    s = LinearSum([(1.0, H), (0.5, GW)])
+    exact = _sigma1(h + 0.5 * G @ W)
+    assert float(s.certified_norm()) >= exact
+    assert float(s.certified_norm()) <= exact * (1 + 1e-8)
+    assert torch.allclose(_matrix(s), h + 0.5 * G @ W, atol=1e-12)
+
+
+def test_hadamard_norm_of_a_product_G_is_certified():
+    g = torch.Generator().manual_seed(5)
+    A, G0, W = (torch.randn(*s, generator=g) for s in ((3, 4), (4, 7), (7, 5)))
+    G = Chain([Dense(lambda: G0, (7,), (4,)), Dense(lambda: A, (4,), (3,))])
+    Gm = A @ G0
+    exact = float(torch.linalg.eigvalsh((Gm.T @ Gm) * (W @ W.T))[-1].sqrt())
+    Wop = Dense(lambda: W, (5,), (7,))
+    cert = float(HadamardNorm(G, Wop, "certified")())
+    est = float(HadamardNorm(G, Wop, "estimate")())
+    assert cert >= exact and cert <= exact * (1 + 1e-8)
+    assert est == pytest.approx(exact, rel=1e-9)
+    # and it is the norm of v ↦ G diag(v) W, by brute force over the unit sphere
+    v = torch.randn(20000, 7, generator=g)
+    v = v / v.norm(dim=1, keepdim=True)
+    brute = torch.linalg.matrix_norm(Gm * v[:, None, :] @ W, ord="fro").max()
+    assert float(brute) <= exact * (1 + 1e-12)
+
+
+def _bounds(model, shape, norms, refiners=None, monkeypatch=None):
+    if refiners is not None:
+        monkeypatch.setattr(pipeline, "REFINERS", refiners)
+    x = torch.zeros(1, *shape)
+    b = curvbound.compile(model, x, norms=norms)()
+    return float(b.lipschitz.detach()), float(b.curvature.detach())
+
+
+KINDS = [("residual", (3,)), ("residual_sigma", (3,)), ("concat", (3,)),
+         ("self_concat", (3,)), ("slice", (3,)), ("conv_residual", (2, 3, 3))]
+
+
+@pytest.mark.parametrize("kind, shape", KINDS)
+@pytest.mark.parametrize("norms", ["estimate", "certified"])
+def test_distribution_and_general_block_never_loosen_and_stay_sound(kind, shape, norms,
+                                                                   monkeypatch):
+    model = Branches(kind).eval()
+    new = _bounds(model, shape, norms)
+    with monkeypatch.context() as mp:
+        old = _bounds(model, shape, norms, (refine_affine,), mp)
+    assert new[0] <= old[0] * (1 + 1e-9) and new[1] <= old[1] * (1 + 1e-9)
+    lower = max(curvature_lower_bound(model, shape, samples=32, steps=60, scale=s, seed=1)
+                for s in (0.5, 2.0))
+    assert new[1] >= lower * (1 - 1e-9)
+    if kind in ("residual", "concat", "self_concat", "conv_residual"):
+        assert new[1] < 0.9 * old[1]  # the pass matters on these
+
+
+def test_general_block_lipschitz_matches_the_formula():
+    # h = x + G tanh(W x), tanh' ∈ [0, 1]: L_h ≤ ‖I + ½GW‖ + ½‖G‖‖W‖ (theory §3-4)
+    torch.manual_seed(0)
+    W, G = nn.Linear(3, 6), nn.Linear(6, 3)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W, self.G = W, G
+
+        def forward(self, x):
+            return x + self.G(torch.tanh(self.W(x)))
+
+    bf = curvbound.compile(Block().double().eval(), torch.zeros(1, 3), norms="certified")
+    w, g = W.weight.detach().double(), G.weight.detach().double()
+    formula = _sigma1(torch.eye(3) + 0.5 * g @ w) + 0.5 * _sigma1(g) * _sigma1(w)
+    separate = 1 + 0.5 * _sigma1(g @ w) + 0.5 * _sigma1(g) * _sigma1(w)
+    L = float(bf().lipschitz)
+    assert L <= formula * (1 + 1e-8)
+    assert L >= min(formula, separate) * (1 - 1e-8)
+
+
+def test_margins_of_a_distributed_output_are_sound():
+    model = Branches("residual").eval()
+    bf = curvbound.compile(model, torch.zeros(1, 3), norms="certified")
+    m = bf.margins()
+    for i in range(3):
+        for j in range(3):
+            if i == j:
+                continue
+            low = hessian_lower_bound(Margin(model, i, j), (3,), samples=32, steps=60, scale=2.0)
+            assert float(m.curvature[i, j]) >= low * (1 - 1e-9)
+            assert float(m.curvature[i, j]) <= 2 ** 0.5 * float(bf().curvature) * (1 + 1e-9)
+
+
+def test_large_feature_maps_keep_the_per_channel_row_norms():
+    w = torch.randn(3, 2, 3, 3)
+    big = Conv(lambda: w, (2, 32, 32), (3, 32, 32), stride=1, padding=1, dilation=1, groups=1)
+    small = Conv(lambda: w, (2, 4, 4), (3, 4, 4), stride=1, padding=1, dilation=1, groups=1)
+    assert isinstance(big.row_scaled(), Conv)  # 12 % border rows: one convolution, as before
+    assert not isinstance(small.row_scaled(), Conv)  # 75 %: the exact rows
+
+
+@pytest.mark.parametrize("layers, in_shape", [
+    ([(3, 4, 3, 1, 1), (4, 5, 4, 2, 1)], (3, 9, 8)),
+    ([(2, 3, 3, 1, 1), (3, 3, 3, 1, 1), (3, 2, 3, 2, 1)], (2, 7, 7)),
+    ([(1, 3, 3, 1, 1), (3, 2, 5, 1, 2)], (1, 11)),
+])
+def test_conv_product_bound_is_certified_and_near_the_norm(layers, in_shape):
+    """√(‖composed conv‖² + ‖border columns‖²) ≥ the exact norm of the zero-padded product (an
+    SVD of its materialised matrix), and T = T' on interior columns (the premise)."""
+    from curvbound.runtime.conv_products import composed_kernel, conv_product_norm, interior_mask
+
+    g = torch.Generator().manual_seed(len(layers))
+    ops, shape = [], in_shape
+    dims = len(in_shape) - 1
+    fn = torch.nn.functional.conv2d if dims == 2 else torch.nn.functional.conv1d
+    for c_in, c_out, k, s, p in layers:
+        w = torch.randn(c_out, c_in, *([k] * dims), generator=g)
+        out = tuple(fn(torch.zeros(1, *shape), w, None, s, p).shape[1:])
+        ops.append(Conv(lambda w=w: w, shape, out, stride=s, padding=p, dilation=1, groups=1))
+        shape = out
+    chain = Chain(ops)
+    exact = _sigma1(_matrix(chain))
+    bound = float(conv_product_norm(ops))
+    assert bound >= exact
+    assert bound <= 1.6 * exact
+    K, stride, pad = composed_kernel(ops)
+    inner = interior_mask(ops)
+    x = torch.randn(4, *in_shape, generator=g) * inner
+    assert torch.allclose(chain.apply(x), fn(x, K, None, stride, pad), atol=1e-10)
+    assert not torch.allclose(chain.apply(torch.ones(1, *in_shape)),
+                              fn(torch.ones(1, *in_shape), K, None, stride, pad))
