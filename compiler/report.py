@@ -11,9 +11,10 @@ its inputs' curvatures (a minimum of such functions, each argument a valid bound
 argument), so the output's bound splits as M_out = Σ_k (∂M_out/∂M_k)·I_k, where I_k ("own") is
 the curvature node k *creates*: its rule's value minus Σ_i (∂M_k/∂M_i)·M_i over its inputs i (for
 a rule without a minimum, its curvature with the inputs' curvatures set to 0). A node's share
-is (∂M_out/∂M_k)·I_k / M_out; the shares sum to 1. Linear maps, sums and reshapes create no curvature of their own (I_k = 0): they only carry their inputs' curvature on,
-so their share is 0 even where their M, the bound of the whole sub-network from the input up to
-that node, is the largest of the table. The table shows "-" for them. A node that does create
+is (∂M_out/∂M_k)·I_k / M_out; the shares sum to 1. Linear maps, sums and reshapes create no
+curvature of their own (I_k = 0): they only carry their inputs' curvature on, so their share
+is 0 even where their M, the bound of the whole sub-network from the input up to that node, is
+the largest of the table. The table shows "-" for them. A node that does create
 curvature can still have share 0 when the output's bound does not depend on its M (∂M_out/∂M_k =
 0): a LipLT segment or a merged linear chain bounds a whole stretch of layers from the segment's
 start at once and, where a rule takes the minimum of such a bound and the layer-by-layer one, the

@@ -50,7 +50,6 @@ from ..compiler.context import Elementwise, RuleContext, Transfer
 from ..compiler.exprs import LazyMin, smin
 from ..compiler.naming import node_label
 from ..runtime.margins import MarginFold, PairLipLT, PairScaledRows, PairVectorNorm
-from .distribute import real_node
 from ..runtime.norms import Norm
 from ..runtime.operators import LinearOperator
 from ..runtime.products import (
@@ -61,6 +60,7 @@ from ..runtime.products import (
     Segment,
     hadamard_feasible,
 )
+from .distribute import real_node
 
 __all__ = [
     "ChainSegment",

@@ -81,13 +81,12 @@ def general_block(
     if ctx.method != "compositional" or len(coef) != 2:
         return None
     (n1, c1), (n2, c2) = coef.items()
-    for z, alpha, r, beta in ((n1, c1, n2, c2), (n2, c2, n1, c1)):
-        found = _branch(ctx, z, r)
-        if found is not None:
-            break
-    else:
+    orders = ((n1, c1, n2, c2), (n2, c2, n1, c1))
+    found = next(((z, al, r, be, f) for z, al, r, be in orders
+                  if (f := _branch(ctx, z, r)) is not None), None)
+    if found is None:
         return None
-    G, W, a, u = found
+    z, alpha, r, beta, (G, W, a, u) = found
     info = ctx.transfer(a).elementwise
     shape = ctx.shape(z)
     if ctx.shape(r) != shape:

@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rule_specs import Branches  # noqa: E402
 
 
-
 @pytest.fixture(autouse=True)
 def _float64():
     """float64 throughout this module (restored afterwards: other modules use the default)."""

@@ -12,7 +12,7 @@ from torch import fx, nn
 
 from ...compiler.assemble import Decline
 from ...compiler.context import RuleContext, Transfer
-from ...runtime.operators import FunctionOperator, Reshape, Select
+from ...runtime.operators import Reshape, Select
 from .base import identity, register
 
 __all__: list[str] = []
