@@ -562,31 +562,12 @@ class Diagonal(LinearOperator):
         return f"Diagonal({self.label})"
 
 
-class Weighting(LinearOperator):
-    """x ↦ s ⊙ x for a live per-entry weight s of the full shape (not folded into neighbours,
-    unlike the per-channel :class:`Diagonal`)."""
+class Weighting(Diagonal):
+    """x ↦ s ⊙ x for a live per-entry weight s of the full shape; unlike the per-channel
+    :class:`Diagonal` (batch norm) it is never folded into a neighbouring layer."""
 
-    def __init__(self, scale: Callable[[], Tensor], shape: Shape, label: str = "s"):
-        self.scale, self.in_shape, self.out_shape, self.label = scale, shape, shape, label
-
-    def apply(self, x: Tensor) -> Tensor:
-        s = precise(self.scale())
-        return x * s.to(x.dtype)
-
-    def tensors(self) -> list[Tensor]:
-        return [self.scale()]
-
-    def row_norms(self) -> Tensor:
-        return precise(self.scale()).abs()
-
-    def certified_norm(self) -> Tensor:
-        return self.scale().detach().double().abs().max()
-
-    def abs_norm_bound(self) -> Tensor:
-        return self.certified_norm()
-
-    def rounding_terms(self) -> int:
-        return 1
+    def _view(self, s: Tensor) -> Tensor:
+        return s.reshape(self.in_shape)
 
     def describe(self) -> str:
         return self.label
@@ -871,13 +852,13 @@ def _fuse(a: LinearOperator, b: LinearOperator) -> LinearOperator | None:
     coordinate selections next to dense layers)."""
     if isinstance(a, Select) or isinstance(b, Select):
         return _dense_select(a, b)
-    if isinstance(b, Diagonal) and isinstance(a, Conv):
+    if type(b) is Diagonal and isinstance(a, Conv):
         return a.scaled(b.scale)
-    if isinstance(b, Diagonal) and isinstance(a, Dense) and len(a.out_shape) == 1:
+    if type(b) is Diagonal and isinstance(a, Dense) and len(a.out_shape) == 1:
         return a.scaled(b.scale)
-    if isinstance(a, Diagonal) and isinstance(b, Conv):
+    if type(a) is Diagonal and isinstance(b, Conv):
         return b.scaled(None, a.scale)
-    if isinstance(a, Diagonal) and isinstance(b, Dense) and len(b.in_shape) == 1:
+    if type(a) is Diagonal and isinstance(b, Dense) and len(b.in_shape) == 1:
         return b.scaled(None, a.scale)
     if isinstance(a, Scalar) and isinstance(b, Scalar):
         return Scalar(a.c * b.c, a.in_shape)
