@@ -160,8 +160,8 @@ def cat(node: fx.Node, ctx: RuleContext) -> Transfer:
 
 def _slots(ctx: RuleContext, parts, dim: int) -> tuple | None:
     """Each input-dependent part p_k with the coordinate map placing it in the result (zeros
-    elsewhere): v = Σ_k P_k(p_k) + constants. None for torch.stack of a single part and for
-    parts without a tensor shape."""
+    elsewhere): v = Σ_k P_k(p_k) + constants; a part listed twice has a slot each. None when a
+    part has no tensor shape."""
     try:
         shapes = [ctx.shape(p) if isinstance(p, fx.Node) else tuple(p.shape[1:]) for p in parts]
     except (ValueError, AttributeError):
