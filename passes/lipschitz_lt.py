@@ -283,7 +283,7 @@ def _block(ctx, seg, n, act, info, quantities, fold, paper: bool = False):
     loop = abs(c) * p_gw + d * p_g * p_w  # sup over σ' ∈ [lo, hi] of ‖G diag(σ') W‖
     h = None
     final = paper or any(user.op == "output" for user in real_node(ctx.node).users)
-    if hadamard_feasible(G, W, final=final, products=not paper and ctx.method != "paper"):
+    if hadamard_feasible(G, W, final=final, products=ctx.method != "paper"):
         h = ctx.symbol("hnorm")
         quantities[h] = whole = HadamardNorm(G, W, ctx.norms)
         if ctx.anchor is not None:  # anchored compile: per-sample ‖Â·diag(ρ)‖ (runtime/anchored)
