@@ -222,8 +222,8 @@ def _materialize(op: LinearOperator, dtype: torch.dtype) -> Tensor:
     return torch.cat(parts).to(torch.float64)
 
 
-def _materialized_norm(op: LinearOperator) -> Tensor:
-    """σ₁ of the materialised matrix Â (exact float64 SVD) plus a bound on ‖Â − A‖₂.
+def _materialized_with_error(op: LinearOperator) -> tuple[Tensor, Tensor]:
+    """The materialised matrix Â of ``op`` and a bound on ‖Â − A‖₂ (float64 scalar).
 
     Â is built in float64 inside :func:`exact_arithmetic` (in the parameters' dtype only when the
     operator cannot run in float64, e.g. a user function mixing dtypes). Evaluating
@@ -254,7 +254,15 @@ def _materialized_norm(op: LinearOperator) -> Tensor:
             abs_bound = torch.linalg.matrix_norm(A) * 1.01
         p = 2 * op.rounding_terms() + 4  # generous: FMA/blocked sums, the final conversions
         gamma = p * unit / (1 - p * unit)
-        return certified.dense_norm(A) + 2 * gamma * abs_bound.detach().double()
+        return A, 2 * gamma * abs_bound.detach().double()
+
+
+def _materialized_norm(op: LinearOperator) -> Tensor:
+    """σ₁ of the materialised matrix Â (exact float64 SVD) plus the bound on ‖Â − A‖₂ of
+    :func:`_materialized_with_error`."""
+    A, err = _materialized_with_error(op)
+    with exact_arithmetic():
+        return certified.dense_norm(A) + err
 
 
 class Dense(LinearOperator):

@@ -68,6 +68,11 @@ PRODUCT_ENTRY_LIMIT = 1 << 22
 PRODUCT_COST_LIMIT = 2e9
 #: A product of dense layers is multiplied out (float64 matmuls) up to this many multiply-adds.
 PRODUCT_DENSE_LIMIT = 4e9
+#: Products ending at one narrow layer (at most MATERIALIZE_LIMIT outputs) are materialised
+#: together from one backward sweep (:meth:`Segment.swept_norm`) up to this many multiply-adds ...
+SWEEP_COST_LIMIT = 3e10
+#: ... and this many stored entries (float64) for all of them together.
+SWEEP_ENTRY_LIMIT = 1 << 26
 #: The block norm ‖Â‖ is used when the hidden width m is at most this ...
 HADAMARD_HIDDEN_LIMIT = 2048
 #: ... and (except for the output block) its m×m Gram matrix costs at most this many
@@ -234,6 +239,108 @@ class Segment:
         self.ops: list[LinearOperator] = list(ops)
         self.norms: dict[tuple[int, int], ProductNorm] = {}
         self.own: list[ProductNorm] = []
+        # end layer i -> (tensor values the sweep read, {j: certified ‖A_i⋯A_j‖})
+        self._swept: dict[int, tuple[list[Tensor], dict[int, Tensor]]] = {}
+
+    def swept_norm(self, member: ProductNorm) -> Tensor | None:
+        """Certified ‖A_i⋯A_j‖ for ``member`` from one backward sweep shared by the products that
+        end at layer i, or None when the sweep does not apply (output wider than
+        :data:`~curvbound.runtime.operators.MATERIALIZE_LIMIT`, over the limits, or a factor
+        without a bound on ‖|A_k|‖).
+
+        Seeding the n_out unit vectors at the output of A_i and running one backward pass from the
+        input of A_j0 gives, at the input of every A_j (j ≥ j0), the rows of A_i⋯A_j: every
+        product of the row is materialised for the cost of the longest (at most
+        :data:`SWEEP_COST_LIMIT` multiply-adds, :data:`SWEEP_ENTRY_LIMIT` stored entries). Each
+        value is the exact float64 norm of its matrix plus the rounding bound
+        2·γ_p·Π_k‖|A_k|‖ with p = 2·Σ_k max(terms of A_k, its outputs) + 4, which covers both the
+        forward and the adjoint sums. Cached by the values of the tensors the sweep read.
+        """
+        i, j = member.i, member.j
+        if not 0 <= j <= i < len(self.ops) or self.norms.get((i, j)) is not member:
+            return None
+        ops = self.ops
+        n_out = _numel(ops[i].out_shape)
+        if n_out > MATERIALIZE_LIMIT or any(ops[k].abs_norm_bound() is None
+                                            for k in range(j, i + 1)):
+            return None
+        with exact_arithmetic(), torch.no_grad():
+            current = [t.detach() for k in range(len(ops)) for t in ops[k].tensors()]
+            cached = self._swept.get(i)
+            if cached is not None and len(cached[0]) == len(current) and all(
+                    a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+                    for a, b in zip(cached[0], current)) and j in cached[1]:
+                return cached[1][j]
+            starts = sorted(m.j for (a, _), m in self.norms.items()
+                            if a == i and m.certified and m.segment is self and m.j <= i)
+            j0 = j
+            for cand in starts:  # the longest run of products that fits and contains j
+                if cand > j:
+                    break
+                cost = self._sweep_cost(cand, i, starts)
+                entries = n_out * sum(_numel(ops[k].in_shape) for k in starts
+                                      if cand <= k <= i)
+                if cost <= SWEEP_COST_LIMIT and entries <= SWEEP_ENTRY_LIMIT:
+                    j0 = cand
+                    break
+            cost = self._sweep_cost(j0, i, starts)
+            entries = n_out * sum(_numel(ops[k].in_shape) for k in starts if j0 <= k <= i)
+            if cost > SWEEP_COST_LIMIT or entries > SWEEP_ENTRY_LIMIT:
+                return None
+            wanted = [k for k in starts if j0 <= k <= i]
+            rows = self._sweep_rows(j0, i, wanted)
+            values: dict[int, Tensor] = {}
+            terms, abs_bound = 0, torch.ones((), dtype=torch.float64)
+            for k in range(i, j0 - 1, -1):  # products A_i⋯A_k, shortest first
+                op = ops[k]
+                terms += max(op.rounding_terms(), _numel(op.out_shape))
+                abs_bound = abs_bound * op.abs_norm_bound().detach().double()
+                if k in rows:
+                    p = 2 * terms + 4
+                    gamma = p * _U / (1 - p * _U)
+                    values[k] = dense_norm(rows[k]) + 2 * gamma * abs_bound
+            self._swept[i] = ([t.clone() for t in current], values)
+            return values.get(j)
+
+    def _sweep_cost(self, j0: int, i: int, starts: list[int]) -> float:
+        """Multiply-adds of a sweep from layer j0 to i: the backward passes and the Gram matrices
+        of the norms (n_out²·n_in per product)."""
+        n_out = _numel(self.ops[i].out_shape)
+        sweep = n_out * sum(apply_cost(self.ops[k]) for k in range(j0, i + 1))
+        return sweep + n_out * n_out * sum(_numel(self.ops[k].in_shape) for k in starts
+                                           if j0 <= k <= i)
+
+    def _sweep_rows(self, j0: int, i: int, wanted: list[int]) -> dict[int, Tensor]:
+        """{k: the (n_out, n_in_k) matrix of A_i⋯A_k} for k in ``wanted``, in float64, from
+        backward passes seeded with the unit vectors at the output of A_i (in chunks, batched
+        over one forward pass of a zero input: the maps are linear)."""
+        ops = self.ops
+        n_out = _numel(ops[i].out_shape)
+        ref = [t for k in range(j0, i + 1) for t in ops[k].tensors()]
+        device = ref[0].device if ref else None
+        width = max(_numel(ops[k].in_shape) for k in range(j0, i + 1))
+        chunk = max(1, min(n_out, (1 << 22) // max(width, 1)))
+        parts: dict[int, list[Tensor]] = {k: [] for k in wanted}
+        with torch.enable_grad():  # one forward pass; the backward is batched over the seeds
+            x = torch.zeros(1, *ops[j0].in_shape, dtype=torch.float64, device=device,
+                            requires_grad=True)
+            inputs, h = {}, x
+            for k in range(j0, i + 1):
+                inputs[k] = h
+                h = ops[k].apply(h)
+            y = h.reshape(1, n_out)
+            for start in range(0, n_out, chunk):
+                b = min(chunk, n_out - start)
+                seed = torch.zeros(b, 1, n_out, dtype=y.dtype, device=device)
+                seed[torch.arange(b), 0, torch.arange(start, start + b)] = 1
+                grads = torch.autograd.grad(y, [inputs[k] for k in wanted], seed,
+                                            retain_graph=True, allow_unused=True,
+                                            is_grads_batched=True)
+                for k, g in zip(wanted, grads):
+                    if g is None:
+                        g = torch.zeros(b, *ops[k].in_shape, dtype=torch.float64, device=device)
+                    parts[k].append(g.detach().reshape(b, -1).double())
+        return {k: torch.cat(v) for k, v in parts.items()}
 
     def add(self, member: ProductNorm, own: bool = True) -> ProductNorm:
         """Register a product quantity (``own``: stepped by this segment's batched iteration)."""
@@ -406,6 +513,11 @@ class ProductNorm(Norm):
             value = None
         if value is not None and not getattr(self.op, "structured", False):
             return value
+        swept = self.segment.swept_norm(self)  # materialised with the other products of its row
+        if swept is not None:
+            swept = certify(swept.double())
+            self.note = "materialised in one backward sweep with the products ending at its layer"
+            return swept if value is None else torch.minimum(value, swept)
         if value is not None:  # a structured bound: the best split into factors may still win
             try:
                 return torch.minimum(value, self._best_split())

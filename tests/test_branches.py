@@ -236,9 +236,79 @@ def test_conv_product_bound_is_certified_and_near_the_norm(layers, in_shape):
     bound = float(conv_product_norm(ops))
     assert bound >= exact
     assert bound <= 1.6 * exact
+    # and no looser than √(‖T'‖² + λ_max(TTᵀ − T'T'ᵀ)), T' the composed convolution (a Weyl
+    # bound on the dense matrices; ‖T'‖ by the certified per-frequency norm it uses)
+    from curvbound.runtime.certified import conv_norm
+
+    K, stride, pad = composed_kernel(ops)
+    n = _matrix(chain).shape[1]
+    eye = torch.eye(n).reshape(n, *in_shape)
+    T = chain.apply(eye).reshape(n, -1).T
+    Tp = fn(eye, K, None, stride, pad).reshape(n, -1).T
+    lam = float(torch.linalg.eigvalsh(T @ T.T - Tp @ Tp.T)[-1])
+    a = float(conv_norm(K, in_shape, stride=stride, padding=pad, dilation=1, groups=1))
+    assert exact**2 <= _sigma1(Tp) ** 2 + lam + 1e-9  # the inequality the bound rests on
+    assert bound <= (a * a + max(lam, 0.0)) ** 0.5 * (1 + 1e-6) + 1e-9
     K, stride, pad = composed_kernel(ops)
     inner = interior_mask(ops)
     x = torch.randn(4, *in_shape, generator=g) * inner
     assert torch.allclose(chain.apply(x), fn(x, K, None, stride, pad), atol=1e-10)
     assert not torch.allclose(chain.apply(torch.ones(1, *in_shape)),
                               fn(torch.ones(1, *in_shape), K, None, stride, pad))
+
+
+@pytest.mark.parametrize("m, k, kind", [(12, 3, "random"), (40, 9, "random"), (9, 9, "random"),
+                                        (30, 6, "dominated"), (25, 5, "zero")])
+def test_gram_difference_bound_is_certified_and_tight(m, k, kind):
+    """λ_max(XXᵀ − YYᵀ) from the 2k×2k Gram matrix with an inertia proof ≥ the exact value (the
+    eigenvalues of the m×m matrix) and within 1e-6 of it; a candidate below it is refused."""
+    from curvbound.runtime.conv_products import _inertia_certifies, gram_difference_bound
+
+    g = torch.Generator().manual_seed(m * k)
+    Y = torch.randn(m, k, generator=g)
+    X = {"random": torch.randn(m, k, generator=g), "dominated": 0.5 * Y,
+         "zero": torch.zeros(m, k)}[kind]
+    exact = float(torch.linalg.eigvalsh(X @ X.T - Y @ Y.T)[-1])
+    bound = float(gram_difference_bound(X, Y))
+    scale = float((torch.cat([X, Y], 1) ** 2).sum())
+    assert bound >= exact
+    assert bound <= exact + 1e-6 * scale
+    if exact > 1e-6 * scale:  # the proof itself: refused just below the value, accepted above
+        Z = torch.cat([X, Y], 1)
+        G = Z.T @ Z
+        assert not _inertia_certifies(G, k, 0.99 * exact, 1e-14)
+        assert _inertia_certifies(G, k, 1.01 * exact, 1e-14)
+
+
+def test_products_ending_at_a_narrow_layer_are_materialised_in_one_sweep(monkeypatch):
+    """With the per-product paths switched off, every LipLT product of a conv-conv-linear chain is
+    certified from the shared backward sweep: equal to the exact norm of its own materialised
+    matrix (to the rounding margins), labelled, and recomputed when a weight changes in place."""
+    from curvbound.runtime import conv_products, products
+
+    monkeypatch.setattr(products, "PRODUCT_COST_LIMIT", 0.0)
+    monkeypatch.setattr(products, "PRODUCT_DENSE_LIMIT", 0.0)
+    monkeypatch.setattr(conv_products, "BORDER_COLUMNS_LIMIT", 0)
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(),
+                          nn.Conv2d(4, 4, 4, stride=2, padding=1), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(4 * 3 * 3, 8), nn.Tanh(), nn.Linear(8, 3))
+    bf = curvbound.compile(model, torch.zeros(1, 2, 6, 6), norms="certified")
+
+    def check():
+        swept = 0
+        for q in bf.quantities.values():
+            if not isinstance(q, products.ProductNorm) or q.i == q.j:
+                continue
+            value = float(q())
+            exact = _sigma1(_matrix(q.op))
+            assert value >= exact
+            if "backward sweep" in getattr(q, "note", ""):
+                swept += 1
+                assert value <= exact * (1 + 1e-6) + 1e-9
+        return swept
+
+    assert check() >= 3
+    with torch.no_grad():
+        model[2].weight.mul_(1.5)  # in place: the sweep's cache must notice
+    assert check() >= 3
