@@ -290,11 +290,12 @@ Compile time in seconds (including power iteration to convergence; same run):
 
 {times_table(rows)}
 
-Notes. The certified compositional bound of 6C2F is looser than the estimated one (2.5–3.7× in
-this run) because the certified norms of products of several convolutions are not materialised
-(too costly); they are bounded by the best split into certified factors (`runtime/products.py`),
-so LipLT gains little there, and neither does the block rule's loop transformation, which needs
-‖GW‖. Dense products (MLPs, 6F) are multiplied out in float64 and
+Notes. The certified compositional bound of 6C2F is looser than the estimated one (compare the
+two columns) because the certified norms of some products of several convolutions, those that
+end at the 64-channel 8×8 maps, are still bounded by the best split into certified factors
+(`runtime/products.py`); the other products are materialised (one backward sweep per narrow end
+layer) or bounded through the composed kernel (`runtime/conv_products.py`,
+docs/certified_norms.md). Dense products (MLPs, 6F) are multiplied out in float64 and
 certified exactly, which is why the certified and estimated columns agree for them. The
 "trained" CIFAR models are weak classifiers (2 epochs on 5000 images); they are here for the
 weight statistics training produces, not as accurate models.

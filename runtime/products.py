@@ -271,8 +271,9 @@ class Segment:
                     a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
                     for a, b in zip(cached[0], current)) and j in cached[1]:
                 return cached[1][j]
-            starts = sorted(m.j for (a, _), m in self.norms.items()
-                            if a == i and m.certified and m.segment is self and m.j <= i)
+            starts = sorted(m.j for (a, _), m in self.norms.items()  # single layers: elsewhere
+                            if a == i and m.certified and m.segment is self
+                            and (m.j < i or m is member))
             j0 = j
             for cand in starts:  # the longest run of products that fits and contains j
                 if cand > j:
@@ -304,11 +305,11 @@ class Segment:
 
     def _sweep_cost(self, j0: int, i: int, starts: list[int]) -> float:
         """Multiply-adds of a sweep from layer j0 to i: the backward passes and the Gram matrices
-        of the norms (n_out²·n_in per product)."""
+        of the norms (min(n_out, n_in)²·max(n_out, n_in) per product)."""
         n_out = _numel(self.ops[i].out_shape)
         sweep = n_out * sum(apply_cost(self.ops[k]) for k in range(j0, i + 1))
-        return sweep + n_out * n_out * sum(_numel(self.ops[k].in_shape) for k in starts
-                                           if j0 <= k <= i)
+        sizes = [_numel(self.ops[k].in_shape) for k in starts if j0 <= k <= i]
+        return sweep + sum(min(n, n_out) ** 2 * max(n, n_out) for n in sizes)
 
     def _sweep_rows(self, j0: int, i: int, wanted: list[int]) -> dict[int, Tensor]:
         """{k: the (n_out, n_in_k) matrix of A_i⋯A_k} for k in ``wanted``, in float64, from
