@@ -174,11 +174,13 @@ class Norm(Quantity):
         self.register_buffer("u", _unit(tuple(op.in_shape), dtype, seed))
         self._cache: tuple[tuple, Tensor] | None = None
 
-    def _cached(self, current: list[Tensor]) -> Tensor | None:
-        """The cached certified value if it was computed from exactly these tensor values."""
-        if self._cache is None or not _cacheable(self.op):
+    def _cached(self, current: list[Tensor], cache: tuple | None = None) -> Tensor | None:
+        """The cached certified value (``self._cache``, or ``cache``) if it was computed from
+        exactly these tensor values."""
+        cache = self._cache if cache is None else cache
+        if cache is None or not _cacheable(self.op):
             return None
-        saved, value = self._cache
+        saved, value = cache
         if len(saved) != len(current):
             return None
         for a, b in zip(saved, current):

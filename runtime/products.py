@@ -500,6 +500,7 @@ class ProductNorm(Norm):
         self.segment, self.i, self.j = segment, i, j
         # steps requested, steps applied, and whether the last cycle left the estimate unchanged
         self._seen, self._done, self._converged = 0, 0, False
+        self._final: tuple | None = None
 
     def step(self, steps: int = 1) -> None:
         if not self.certified:
@@ -508,6 +509,18 @@ class ProductNorm(Norm):
     def forward(self) -> Tensor:
         if not self.certified:
             return super().forward()
+        # the final value (a minimum over several certified bounds) is cached by the values of
+        # the tensors of the product's layers, which are all that any of them reads
+        with exact_arithmetic(), torch.no_grad():
+            current = [t.detach() for t in self.op.tensors()]
+            final = self._cached(current, self._final) if self._final is not None else None
+        if final is not None:
+            return final
+        value = self._certified_value()
+        self._final = ([t.clone() for t in current], value)
+        return value
+
+    def _certified_value(self) -> Tensor:
         try:
             value = super().forward()
         except NotImplementedError:
