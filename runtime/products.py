@@ -289,7 +289,10 @@ class Segment:
             if cost > SWEEP_COST_LIMIT or entries > SWEEP_ENTRY_LIMIT:
                 return None
             wanted = [k for k in starts if j0 <= k <= i]
-            rows = self._sweep_rows(j0, i, wanted)
+            try:
+                rows = self._sweep_rows(j0, i, wanted)
+            except RuntimeError:  # e.g. a user function fixed to float32: the per-product paths
+                return None
             values: dict[int, Tensor] = {}
             terms, abs_bound = 0, torch.ones((), dtype=torch.float64)
             for k in range(i, j0 - 1, -1):  # products A_i⋯A_k, shortest first
