@@ -271,9 +271,10 @@ class Segment:
                     a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
                     for a, b in zip(cached[0], current)) and j in cached[1]:
                 return cached[1][j]
-            starts = sorted(m.j for (a, _), m in self.norms.items()  # single layers: elsewhere
-                            if a == i and m.certified and m.segment is self
-                            and (m.j < i or m is member))
+            # every product A_i⋯A_k of the row at once (LipLT asks for all of them, one at a
+            # time: sweeping only the ones registered so far would repeat the sweep per product);
+            # the single layer A_i has its own rules
+            starts = list(range(i)) if j < i else [i]
             j0 = j
             for cand in starts:  # the longest run of products that fits and contains j
                 if cand > j:

@@ -82,9 +82,18 @@ def test_certified_products_and_split_fallback(monkeypatch):
     for (i, j), m in seg.norms.items():
         exact = _exact(mats, i, j)
         assert exact <= float(m()) <= exact * (1 + 1e-8)
-    # too costly to multiply out or materialise: the best split into certified factors
+    # too costly to multiply out or materialise one by one: the products ending at one layer are
+    # materialised together in one backward sweep (exact again) ...
     monkeypatch.setattr(products, "PRODUCT_DENSE_LIMIT", 0)
     monkeypatch.setattr(products, "PRODUCT_COST_LIMIT", 0)
+    seg = _segment(ops, "certified")
+    for (i, j), m in seg.norms.items():
+        exact = _exact(mats, i, j)
+        assert exact <= float(m()) <= exact * (1 + 1e-8)
+        if i != j:
+            assert "backward sweep" in m.note
+    # ... and when that is over its budget too: the best split into certified factors
+    monkeypatch.setattr(products, "SWEEP_COST_LIMIT", 0)
     seg = _segment(ops, "certified")
     top = seg.norms[(3, 0)]
     value = float(top())
