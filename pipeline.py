@@ -23,6 +23,7 @@ from .passes.distribute import distribute
 from .passes.lipschitz_lt import refine_affine
 from .passes.methods import finalize as finalize_method
 from .runtime.anchored import AnchorState
+from .runtime.conv_products import border_budget
 from .runtime.norms import MODES
 
 __all__ = ["compile", "save", "load", "REFINERS"]
@@ -99,15 +100,16 @@ def compile(  # noqa: A001 - the public name is fixed by the API
                 f"anchored=True supports methods 'compositional' and 'naive', not {method!r}"
             )
         anchor = AnchorState()
-    transfers, rule_names, out = assemble.propagate(
-        gm, registry, method=method, norms=norms, constants=constants, anchor=anchor,
-        refiners=REFINERS,
-    )
-    # "paper"/"crt": check the graph is covered and rewrite the output node's transfer
-    finalize_method(
-        gm, transfers, rule_names, out, method=method, norms=norms, constants=constants,
-        refiners=REFINERS,
-    )
+    with border_budget():  # what certified products of convolutions may spend in this compile
+        transfers, rule_names, out = assemble.propagate(
+            gm, registry, method=method, norms=norms, constants=constants, anchor=anchor,
+            refiners=REFINERS,
+        )
+        # "paper"/"crt": check the graph is covered and rewrite the output node's transfer
+        finalize_method(
+            gm, transfers, rule_names, out, method=method, norms=norms, constants=constants,
+            refiners=REFINERS,
+        )
     assemble.node_bounds(gm, transfers, rule_names, constants)
     quantities = {str(s): q for t in transfers.values() for s, q in t.quantities.items()}
     code, fn = codegen.generate(gm, out)

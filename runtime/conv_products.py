@@ -33,7 +33,10 @@ Products with too many border columns return None (the caller keeps its fallback
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +57,8 @@ from .operators import (
     precise,
 )
 
-__all__ = ["conv_product_norm", "interior_mask", "composed_kernel", "gram_difference_bound"]
+__all__ = ["conv_product_norm", "border_cost", "border_budget", "admit", "interior_mask",
+           "composed_kernel", "gram_difference_bound"]
 
 _U = 2.0**-53
 #: At most this many border columns (input channels × border positions) and multiply-adds for
@@ -65,6 +69,47 @@ _U = 2.0**-53
 #: (certified compile 107 s instead of 13 s, for an M bound 6.5× tighter).
 BORDER_COLUMNS_LIMIT = 1024
 BORDER_COST_LIMIT = 6e10
+#: What one ``curvbound.compile`` may spend on border parts in all (multiply-adds of
+#: :func:`border_cost`): products are admitted in the order they are first evaluated, while the
+#: budget lasts, and a product keeps its admission afterwards (re-evaluations after a weight
+#: update take the same path). About 20–30 s on one core; the rest keep the best split.
+STRUCTURED_BUDGET = 2e11
+#: Products with at most this many border columns and this many multiply-adds for materialising
+#: T·B are always admitted, free of the budget (so that spending it on larger ones never leaves
+#: a small product to the split).
+BORDER_FREE_COLUMNS = 768
+BORDER_FREE_COST = 1.2e10
+
+_budget: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar(
+    "curvbound_border_budget", default=None)
+
+
+@contextlib.contextmanager
+def border_budget(total: float | None = None) -> Iterator[None]:
+    """Within the block, border parts draw on a budget of ``total`` multiply-adds (default
+    :data:`STRUCTURED_BUDGET`); ``curvbound.compile`` opens one per compile. Outside any block
+    only the per-product limits apply.
+
+    >>> with border_budget(1e9):
+    ...     admit(6e8), admit(6e8), admit(3e8)
+    (True, False, True)
+    """
+    token = _budget.set([STRUCTURED_BUDGET if total is None else float(total)])
+    try:
+        yield
+    finally:
+        _budget.reset(token)
+
+
+def admit(cost: float) -> bool:
+    """Charge ``cost`` to the open :func:`border_budget`; False when it does not fit."""
+    left = _budget.get()
+    if left is None:
+        return True
+    if cost <= left[0]:
+        left[0] -= cost
+        return True
+    return False
 
 
 def _gamma(n: int) -> float:
@@ -210,9 +255,9 @@ def gram_difference_bound(X: Tensor, Y: Tensor) -> Tensor | None:
     return None
 
 
-def conv_product_norm(ops: list[LinearOperator]) -> Tensor | None:
-    """Certified ‖ops[-1]∘⋯∘ops[0]‖ for zero-padded convolutions by the interior/border split
-    (module docstring), or None when the product is not covered or too costly."""
+def _prepare(ops: list[LinearOperator]):
+    """(K, K_abs, stride, pad, border mask, cost of the border part) for a covered product of
+    zero-padded convolutions, None when it is not covered or over the per-product limits."""
     if len(ops) < 2 or not all(isinstance(o, Conv) for o in ops):
         return None
     try:
@@ -230,12 +275,37 @@ def conv_product_norm(ops: list[LinearOperator]) -> Tensor | None:
     border = (~inner).expand(c_in, *inner.shape).reshape(-1)
     n_border = int(border.sum())
     n_out = _numel(out_shape)
-    cost = float(n_border) * (sum(_numel(o.out_shape) * o.weight()[0].numel() for o in ops)
-                              + _numel(out_shape) * K[0].numel())
-    cost += _numel(out_shape) * (2.0 * n_border) ** 2 + 2 * (2.0 * n_border) ** 3
-    if n_border and (n_border > BORDER_COLUMNS_LIMIT or min(n_border, n_out) > MATERIALIZE_LIMIT
-                     or n_border * n_out > MATERIALIZE_ENTRIES or cost > BORDER_COST_LIMIT):
+    cost = 0.0
+    if n_border:
+        columns = float(n_border) * sum(_numel(o.out_shape) * o.weight()[0].numel() for o in ops)
+        cost = columns + n_border * n_out * K[0].numel()
+        cost += n_out * (2.0 * n_border) ** 2 + 2 * (2.0 * n_border) ** 3
+        if (n_border > BORDER_COLUMNS_LIMIT or min(n_border, n_out) > MATERIALIZE_LIMIT
+                or n_border * n_out > MATERIALIZE_ENTRIES or cost > BORDER_COST_LIMIT):
+            return None
+        if n_border <= BORDER_FREE_COLUMNS and columns <= BORDER_FREE_COST:
+            cost = 0.0
+    return K, K_abs, stride, pad, border, cost
+
+
+def border_cost(ops: list[LinearOperator]) -> float | None:
+    """Multiply-adds of :func:`conv_product_norm`'s border part that the budget is charged (0
+    without border columns or within the free limits), or None when the product is not covered
+    or over the per-product limits."""
+    prepared = _prepare(ops)
+    return None if prepared is None else prepared[-1]
+
+
+def conv_product_norm(ops: list[LinearOperator]) -> Tensor | None:
+    """Certified ‖ops[-1]∘⋯∘ops[0]‖ for zero-padded convolutions by the interior/border split
+    (module docstring), or None when the product is not covered or too costly."""
+    prepared = _prepare(ops)
+    if prepared is None:
         return None
+    K, K_abs, stride, pad, border, _ = prepared
+    in_shape = tuple(ops[0].in_shape)
+    conv = F.conv1d if ops[0].dims == 1 else F.conv2d
+    n_border = int(border.sum())
     # ‖T'‖: the composed kernel's certified norm, plus the rounding of K (|K̂ − K| ≤ γ_p·|K|⊛…)
     terms = sum(o.weight()[0].numel() for o in ops) + 4 * len(ops)
     a_hat = certified.conv_norm(K, in_shape, stride=stride, padding=pad, dilation=1, groups=1)

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .certified import certify, dense_norm, rounding_factor
-from .conv_products import conv_product_norm
+from .conv_products import admit, border_cost, conv_product_norm
 from .norms import Norm, Quantity
 from .operators import (
     MATERIALIZE_LIMIT,
@@ -183,9 +183,13 @@ class ProductChain(Chain):
         small = n_in * n_out <= PRODUCT_ENTRY_LIMIT and min(n_in, n_out) <= MATERIALIZE_LIMIT
         if small and cost <= PRODUCT_COST_LIMIT:
             return LinearOperator.certified_norm(self)
-        structured = conv_product_norm(self.ops)  # zero-padded convolutions: interior/border split
+        if "_border_admitted" not in self.__dict__:  # decided once: the same path after updates
+            cost = border_cost(self.ops)
+            self._border_admitted = cost is not None and admit(cost)
+        # zero-padded convolutions: the interior/border split
+        structured = conv_product_norm(self.ops) if self._border_admitted else None
         if structured is not None:
-            self.bound_note = (f"‖{self.describe()}‖ ≤ √(‖composed conv‖² + ‖border columns‖²) "
+            self.bound_note = (f"‖{self.describe()}‖² ≤ ‖composed conv‖² + a border term "
                                "(runtime/conv_products.py)")
             self.structured = True
             return structured
