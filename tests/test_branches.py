@@ -218,7 +218,7 @@ def test_large_feature_maps_keep_the_per_channel_row_norms():
     ([(1, 3, 3, 1, 1), (3, 2, 5, 1, 2)], (1, 11)),
 ])
 def test_conv_product_bound_is_certified_and_near_the_norm(layers, in_shape):
-    """√(‖composed conv‖² + ‖border columns‖²) ≥ the exact norm of the zero-padded product (an
+    """The conv-product bound (the smaller of its split and Weyl forms) ≥ the exact norm of the
     SVD of its materialised matrix), and T = T' on interior columns (the premise)."""
     from curvbound.runtime.conv_products import composed_kernel, conv_product_norm, interior_mask
 
@@ -312,3 +312,34 @@ def test_products_ending_at_a_narrow_layer_are_materialised_in_one_sweep(monkeyp
     with torch.no_grad():
         model[2].weight.mul_(1.5)  # in place: the sweep's cache must notice
     assert check() >= 3
+
+
+def test_border_budget_admits_in_order_and_the_decision_sticks(monkeypatch):
+    """Over the free limits a product's border part draws on the compile's budget: refused when
+    it does not fit (the caller falls back), and the refusal sticks to the product afterwards."""
+    from curvbound.runtime import conv_products
+    from curvbound.runtime.products import ProductChain
+
+    g = torch.Generator().manual_seed(5)
+    w1, w2 = torch.randn(4, 3, 3, 3, generator=g), torch.randn(5, 4, 3, 3, generator=g)
+    ops = [Conv(lambda: w1, (3, 7, 7), (4, 7, 7), stride=1, padding=1, dilation=1, groups=1),
+           Conv(lambda: w2, (4, 7, 7), (5, 7, 7), stride=1, padding=1, dilation=1, groups=1)]
+    from curvbound.runtime import products
+
+    monkeypatch.setattr(products, "PRODUCT_COST_LIMIT", 0.0)  # not materialised as a whole
+    monkeypatch.setattr(conv_products, "BORDER_FREE_COLUMNS", 0)
+    cost = conv_products.border_cost(ops)
+    assert cost > 0
+    exact = _sigma1(_matrix(Chain(ops)))
+    with exact_arithmetic():
+        refused = ProductChain(ops)
+        with conv_products.border_budget(cost / 2):
+            with pytest.raises(NotImplementedError):
+                refused.certified_norm()
+        with pytest.raises(NotImplementedError):  # still refused outside the budget
+            refused.certified_norm()
+        admitted = ProductChain(ops)
+        with conv_products.border_budget(cost * 1.5):
+            assert float(admitted.certified_norm()) >= exact
+            assert not conv_products.admit(cost)  # what is left is too little for another
+        assert float(admitted.certified_norm()) >= exact
