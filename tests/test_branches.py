@@ -219,7 +219,7 @@ def test_large_feature_maps_keep_the_per_channel_row_norms():
 ])
 def test_conv_product_bound_is_certified_and_near_the_norm(layers, in_shape):
     """The conv-product bound (the smaller of its split and Weyl forms) ≥ the exact norm of the
-    zero-padded product (an SVD of its materialised matrix), and T = T' on interior columns.
+    zero-padded product (an SVD of its materialised matrix), and T = T' on interior columns."""
     from curvbound.runtime.conv_products import composed_kernel, conv_product_norm, interior_mask
 
     g = torch.Generator().manual_seed(len(layers))
