@@ -127,6 +127,15 @@ def _unit(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> Tensor:
     return (u / u.norm()).to(dtype)
 
 
+def same_values(saved: list[Tensor], current: list[Tensor]) -> bool:
+    """Whether two lists of tensors are equal in shape, dtype, device and every value (the key of
+    the certified caches: a version counter or data pointer misses ``p.data`` updates)."""
+    if len(saved) != len(current):
+        return False
+    return all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+               and torch.equal(a, b) for a, b in zip(saved, current))
+
+
 def _cacheable(op: LinearOperator) -> bool:
     """False when the operator may read tensors it does not list (a user function given neither
     ``params`` nor ``norm_bound``): its certified norm is then recomputed on every call."""
@@ -181,14 +190,7 @@ class Norm(Quantity):
         if cache is None or not _cacheable(self.op):
             return None
         saved, value = cache
-        if len(saved) != len(current):
-            return None
-        for a, b in zip(saved, current):
-            if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
-                return None
-            if not torch.equal(a, b):
-                return None
-        return value
+        return value if same_values(saved, current) else None
 
     def forward(self) -> Tensor:
         if self.certified:

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .certified import certify, dense_norm, rounding_factor
 from .conv_products import admit, border_cost, conv_product_norm
-from .norms import Norm, Quantity
+from .norms import Norm, Quantity, same_values
 from .operators import (
     MATERIALIZE_LIMIT,
     Chain,
@@ -271,9 +271,7 @@ class Segment:
         with exact_arithmetic(), torch.no_grad():
             current = [t.detach() for k in range(len(ops)) for t in ops[k].tensors()]
             cached = self._swept.get(i)
-            if cached is not None and len(cached[0]) == len(current) and all(
-                    a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
-                    for a, b in zip(cached[0], current)) and j in cached[1]:
+            if cached is not None and j in cached[1] and same_values(cached[0], current):
                 return cached[1][j]
             # every product A_i⋯A_k of the row at once (LipLT asks for all of them, one at a
             # time: sweeping only the ones registered so far would repeat the sweep per product);
@@ -661,9 +659,7 @@ class HadamardNorm(Quantity):
             return (v @ (s @ v)).clamp_min(0).sqrt()
         with exact_arithmetic(), torch.no_grad():
             current = [t.detach().clone() for t in self.G.tensors() + self.W.tensors()]
-            if self._cache is not None and len(self._cache[0]) == len(current) and all(
-                a.shape == b.shape and torch.equal(a, b) for a, b in zip(self._cache[0], current)
-            ):
+            if self._cache is not None and same_values(self._cache[0], current):
                 return self._cache[1]
             value = self._certified()
             self._cache = (current, value)
