@@ -269,7 +269,7 @@ class Segment:
                                             for k in range(j, i + 1)):
             return None
         with exact_arithmetic(), torch.no_grad():
-            current = [t.detach() for k in range(len(ops)) for t in ops[k].tensors()]
+            current = [t.detach() for k in range(i + 1) for t in ops[k].tensors()]
             cached = self._swept.get(i)
             if cached is not None and j in cached[1] and same_values(cached[0], current):
                 return cached[1][j]
@@ -277,19 +277,14 @@ class Segment:
             # time: sweeping only the ones registered so far would repeat the sweep per product);
             # the single layer A_i has its own rules
             starts = list(range(i)) if j < i else [i]
-            j0 = j
-            for cand in starts:  # the longest run of products that fits and contains j
-                if cand > j:
+            for j0 in starts:  # the longest run of products that fits and contains j
+                if j0 > j:
+                    return None
+                entries = n_out * sum(_numel(ops[k].in_shape) for k in starts if j0 <= k <= i)
+                if (self._sweep_cost(j0, i, starts) <= SWEEP_COST_LIMIT
+                        and entries <= SWEEP_ENTRY_LIMIT):
                     break
-                cost = self._sweep_cost(cand, i, starts)
-                entries = n_out * sum(_numel(ops[k].in_shape) for k in starts
-                                      if cand <= k <= i)
-                if cost <= SWEEP_COST_LIMIT and entries <= SWEEP_ENTRY_LIMIT:
-                    j0 = cand
-                    break
-            cost = self._sweep_cost(j0, i, starts)
-            entries = n_out * sum(_numel(ops[k].in_shape) for k in starts if j0 <= k <= i)
-            if cost > SWEEP_COST_LIMIT or entries > SWEEP_ENTRY_LIMIT:
+            else:  # not even the product of j fits
                 return None
             wanted = [k for k in starts if j0 <= k <= i]
             try:
@@ -299,9 +294,11 @@ class Segment:
             values: dict[int, Tensor] = {}
             terms, abs_bound = 0, torch.ones((), dtype=torch.float64)
             for k in range(i, j0 - 1, -1):  # products A_i⋯A_k, shortest first
-                op = ops[k]
+                op, factor = ops[k], ops[k].abs_norm_bound()
+                if factor is None:  # no rounding bound from here on (j's factors have one)
+                    break
                 terms += max(op.rounding_terms(), _numel(op.out_shape))
-                abs_bound = abs_bound * op.abs_norm_bound().detach().double()
+                abs_bound = abs_bound * factor.detach().double()
                 if k in rows:
                     p = 2 * terms + 4
                     gamma = p * _U / (1 - p * _U)
