@@ -57,8 +57,8 @@ from .operators import (
     precise,
 )
 
-__all__ = ["conv_product_norm", "border_cost", "border_budget", "admit", "interior_mask",
-           "composed_kernel", "gram_difference_bound"]
+__all__ = ["conv_product_norm", "middle_product_norm", "middle_cost", "border_cost",
+           "border_budget", "admit", "interior_mask", "composed_kernel", "gram_difference_bound"]
 
 _U = 2.0**-53
 #: At most this many border columns (input channels × border positions) and multiply-adds for
@@ -80,34 +80,37 @@ STRUCTURED_BUDGET = 2e11
 BORDER_FREE_COLUMNS = 768
 BORDER_FREE_COST = 1.2e10
 
-_budget: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar(
+_budget: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
     "curvbound_border_budget", default=None)
 
 
 @contextlib.contextmanager
-def border_budget(total: float | None = None) -> Iterator[None]:
+def border_budget(total: float | None = None, middle: float | None = None) -> Iterator[None]:
     """Within the block, border parts draw on a budget of ``total`` multiply-adds (default
-    :data:`STRUCTURED_BUDGET`); ``curvbound.compile`` opens one per compile. Outside any block
-    only the per-product limits apply.
+    :data:`STRUCTURED_BUDGET`) and :func:`middle_product_norm` on one of ``middle`` (default
+    :data:`MIDDLE_BUDGET`); ``curvbound.compile`` opens one per compile. Outside any block only
+    the per-product limits apply.
 
     >>> with border_budget(1e9):
     ...     admit(6e8), admit(6e8), admit(3e8)
     (True, False, True)
     """
-    token = _budget.set([STRUCTURED_BUDGET if total is None else float(total)])
+    token = _budget.set({"border": STRUCTURED_BUDGET if total is None else float(total),
+                         "middle": MIDDLE_BUDGET if middle is None else float(middle)})
     try:
         yield
     finally:
         _budget.reset(token)
 
 
-def admit(cost: float) -> bool:
-    """Charge ``cost`` to the open :func:`border_budget`; False when it does not fit."""
+def admit(cost: float, kind: str = "border") -> bool:
+    """Charge ``cost`` to the open :func:`border_budget` (its ``kind`` part: "border" or
+    "middle"); False when it does not fit."""
     left = _budget.get()
     if left is None:
         return True
-    if cost <= left[0]:
-        left[0] -= cost
+    if cost <= left[kind]:
+        left[kind] -= cost
         return True
     return False
 
@@ -337,3 +340,244 @@ def conv_product_norm(ops: list[LinearOperator]) -> Tensor | None:
         mu = mu + 2 * a_hat.double() * e_Y + e_Y**2
         weyl = (torch.sqrt(a_hat.double() ** 2 + mu) + eps_K + e_X) * (1 + 4 * _U)
         return torch.minimum(quadrature, weyl)
+
+
+# ------------------------------------------------------------------ two factors, narrow middle
+
+#: :func:`middle_product_norm` runs when the map between the two convolutions has at most this
+#: many entries (its dense m×m matrices: five of them, 512 MiB each at m = 8192) ...
+MIDDLE_LIMIT = 8192
+#: ... and at most this many probes (batched applications of each factor and its adjoint).
+MIDDLE_PROBES_LIMIT = 4096
+#: Middle maps up to this many entries are always admitted; larger ones draw their cost
+#: (:func:`middle_cost`) on a budget of MIDDLE_BUDGET multiply-adds per compile
+#: (:func:`border_budget`; separate from the border parts', so that it never takes their place:
+#: the two bounds are combined by their minimum).
+MIDDLE_FREE = 4096
+MIDDLE_BUDGET = 2e11
+
+
+def _coupling_radius(conv: Conv, side: str) -> tuple[int, ...] | None:
+    """Per spatial axis, the largest distance between two positions that couple in CCᵀ (``side``
+    "out": two outputs whose windows overlap) or in CᵀC ("in": two inputs in one window); None
+    when the padding wraps around (circular, reflect, replicate: distant positions couple)."""
+    if conv.padding_mode != "zeros":
+        return None
+    k = tuple(conv.weight().shape[2:])
+    dil, stride = _expand(conv.dilation, conv.dims), _expand(conv.stride, conv.dims)
+    span = [d * (kk - 1) for d, kk in zip(dil, k)]
+    if side == "out":
+        return tuple(sp // s for sp, s in zip(span, stride))
+    return tuple(span)
+
+
+def _probed_gram(conv: Conv, side: str, radius: tuple[int, ...]) -> Tensor:
+    """The dense Gram matrix CCᵀ (``side`` "out", on the output map) or CᵀC ("in", on the input
+    map) of one zero-padded convolution, float64, from grouped probes: the positions of one
+    channel whose coordinates agree modulo 2r+1 on every axis are seeded together (their
+    columns have disjoint supports, each within distance r of its seed), so the product costs
+    channels·Π(2r+1) batched applications of C and Cᵀ instead of one per entry. Each column's
+    entries are the same float64 sums as for a single seed (the other seeds add exact zeros)."""
+    shape = tuple(conv.out_shape if side == "out" else conv.in_shape)
+    c, grid = shape[0], shape[1:]
+    period = [min(2 * r + 1, n) for r, n in zip(radius, grid)]
+    m = _numel(shape)
+    dtype = torch.float64
+    pos = torch.stack(torch.meshgrid(*[torch.arange(n) for n in grid], indexing="ij")).reshape(
+        len(grid), -1)  # (d, P) coordinates of every position
+    strides = [math.prod(grid[a + 1:]) for a in range(len(grid))]
+    G = torch.zeros(m, m, dtype=dtype)
+    x = torch.zeros(1, *conv.in_shape, dtype=dtype, requires_grad=True)
+    with torch.enable_grad():
+        y = conv.apply(x)
+    for colour in torch.cartesian_prod(*[torch.arange(p) for p in period]).reshape(-1, len(grid)):
+        # owner of each position q: the seed p ≡ colour (mod period) with |p − q| ≤ r per axis
+        r_t, per = torch.tensor(radius)[:, None], torch.tensor(period)[:, None]
+        owner = pos + ((colour[:, None] - pos + r_t) % per) - r_t
+        whole = torch.tensor([p == n for p, n in zip(period, grid)])  # one seed on the axis
+        owner = torch.where(whole[:, None], colour[:, None].expand_as(owner), owner)
+        valid = ((owner >= 0) & (owner < torch.tensor(grid)[:, None])).all(0)
+        seeded = (pos - colour[:, None]) % torch.tensor(period)[:, None] == 0
+        seeds = torch.zeros(c, c, *grid, dtype=dtype)
+        spot = seeded.all(0).reshape(grid)
+        for ch in range(c):
+            seeds[ch, ch][spot] = 1.0
+        if side == "out":  # C(Cᵀ s)
+            (back,) = torch.autograd.grad(y, x, seeds[:, None], retain_graph=True,
+                                          is_grads_batched=True)
+            res = conv.apply(back.reshape(c, *conv.in_shape).detach())
+        else:  # Cᵀ(C s)
+            fwd = conv.apply(seeds).detach()
+            (res,) = torch.autograd.grad(y, x, fwd[:, None], retain_graph=True,
+                                         is_grads_batched=True)
+        res = res.detach().reshape(c, c, -1)  # (seed channel, channel, position)
+        own = (owner * torch.tensor(strides)[:, None]).sum(0)  # flat owner position
+        q = torch.nonzero(valid).squeeze(1)
+        P = pos.shape[1]
+        rows = (torch.arange(c)[:, None] * P + q[None, :]).reshape(-1)  # (channel, q)
+        for ch in range(c):
+            cols = (ch * P + own[q]).repeat(c)
+            G[rows, cols] = res[ch][:, q].reshape(-1)
+    return G
+
+
+def _banded_matmul(A: Tensor, B: Tensor, block: int, a: tuple[int, int], b: tuple[int, int]
+                   ) -> Tensor:
+    """A·B for block-banded A, B (``a`` = (lower, upper) block bandwidths of A, ``b`` of B; blocks
+    of ``block`` rows/columns): only the products of blocks inside both bands are formed. Each
+    entry is still a sum over at most n products (the others are exact zeros)."""
+    n = A.shape[0]
+    nb = -(-n // block)
+    C = torch.zeros(n, B.shape[1], dtype=A.dtype)
+    sl = [slice(t * block, min(n, (t + 1) * block)) for t in range(nb)]
+    for r in range(nb):
+        for c in range(max(0, r - a[0] - b[0]), min(nb, r + a[1] + b[1] + 1)):
+            lo, hi = max(0, r - a[0], c - b[1]), min(nb - 1, r + a[1], c + b[0])
+            if lo > hi:
+                continue
+            inner = slice(sl[lo].start, sl[hi].stop)
+            C[sl[r], sl[c]] = A[sl[r], inner] @ B[inner, sl[c]]
+    return C
+
+
+def _band_times(A: Tensor, X: Tensor, block: int, band: int) -> Tensor:
+    """A·X for a block-banded A (|row block − column block| ≤ ``band``) and a dense X."""
+    n = A.shape[0]
+    out = torch.empty(n, X.shape[1], dtype=torch.promote_types(A.dtype, X.dtype))
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        lo, hi = max(0, start - band * block), min(n, stop + band * block)
+        out[start:stop] = A[start:stop, lo:hi] @ X[lo:hi]
+    return out
+
+
+def _banded_cholesky(A: Tensor, block: int, band: int) -> tuple[Tensor, Tensor]:
+    """(L, info) like ``torch.linalg.cholesky_ex`` for a symmetric A that is block-banded
+    (|row block − column block| ≤ ``band``; read from its lower triangle): the factor has the same
+    band, and each entry is formed by the usual recurrence l_ij = (a_ij − Σ_k l_ik l_jk)/l_jj with
+    the terms in another order (the zero terms outside the band left out), so Demmel's backward
+    error bound for a Cholesky that runs to completion holds as for the dense one. info ≠ 0 when
+    a pivot block is not positive definite."""
+    n = A.shape[0]
+    nb = -(-n // block)
+    sl = [slice(t * block, min(n, (t + 1) * block)) for t in range(nb)]
+    L = torch.zeros_like(A)
+    for c in range(nb):
+        lo = max(0, c - band)
+        left = L[sl[c], sl[lo].start:sl[c].start]
+        D = torch.tril(A[sl[c], sl[c]])
+        D = D + torch.tril(D, -1).T
+        if left.numel():
+            D = D - left @ left.T
+        LJ, info = torch.linalg.cholesky_ex(D)
+        if int(info) != 0:
+            return L, torch.tensor(sl[c].start + int(info), dtype=torch.int32)
+        L[sl[c], sl[c]] = LJ
+        for r in range(c + 1, min(nb, c + band + 1)):
+            lo_r = max(0, r - band)
+            X = A[sl[r], sl[c]]
+            if lo_r < c:
+                done = slice(sl[lo_r].start, sl[c].start)
+                X = X - L[sl[r], done] @ L[sl[c], done].T
+            L[sl[r], sl[c]] = torch.linalg.solve_triangular(LJ, X.T, upper=False).T
+    return L, torch.tensor(0, dtype=torch.int32)
+
+
+def _middle_plan(ops: list[LinearOperator]):
+    """(C, B, m, r_G, r_K, block) when :func:`middle_product_norm` covers ``ops``, else None."""
+    if len(ops) != 2 or not all(isinstance(o, Conv) for o in ops):
+        return None
+    C, B = ops
+    m = _numel(C.out_shape)
+    if tuple(C.out_shape) != tuple(B.in_shape) or m > MIDDLE_LIMIT or C.dims != B.dims:
+        return None
+    r_g, r_k = _coupling_radius(C, "out"), _coupling_radius(B, "in")
+    if r_g is None or r_k is None:
+        return None
+    grid = tuple(C.out_shape[1:])
+    probes = C.out_shape[0] * (math.prod(min(2 * r + 1, n) for r, n in zip(r_g, grid))
+                               + math.prod(min(2 * r + 1, n) for r, n in zip(r_k, grid)))
+    if probes > MIDDLE_PROBES_LIMIT:
+        return None
+    return C, B, m, r_g, r_k, m // grid[0], probes
+
+
+def middle_cost(ops: list[LinearOperator]) -> float | None:
+    """Multiply-adds :func:`middle_product_norm` charges the budget (0 for a middle map of at most
+    :data:`MIDDLE_FREE` entries), or None when it does not cover ``ops``: the probes (each a
+    forward and an adjoint pass of both factors), the banded products and factorisations
+    (≈ 4·m·w², w the half-band of LᵀKL in entries) and the estimate (384 vectors over the band)."""
+    plan = _middle_plan(ops)
+    if plan is None:
+        return None
+    C, B, m, r_g, r_k, block, probes = plan
+    if m <= MIDDLE_FREE:
+        return 0.0
+    passes = sum(_numel(o.out_shape) * o.weight()[0].numel() for o in (C, B))
+    w = (r_g[0] + r_k[0] + 1) * block
+    return 2.0 * probes * passes + 4.0 * m * w * w + 384.0 * m * (2 * w)
+
+
+def middle_product_norm(ops: list[LinearOperator]) -> Tensor | None:
+    """Certified ‖B∘C‖ for two zero-padded convolutions (``ops`` = [C, B]) through the map between
+    them, or None when not covered (other operators, wrap-around padding, a middle map over
+    :data:`MIDDLE_LIMIT` entries, too many probes, a failed factorisation).
+
+    Math: with G = CCᵀ and K = BᵀB on the middle map (m entries), ‖BC‖² = λ_max(K^½GK^½); with
+    G = LLᵀ this is λ_max(LᵀKL), an m×m problem however large the input and output are (the CIFAR
+    6C2F pair 32×32×32 → 16×16×32 → 16×16×64 has m = 8192 against 16384 outputs and 32768 inputs).
+    G and K are block-banded in position-major order (blocks of one row of the map; couplings
+    reach r rows, :func:`_coupling_radius`), formed by grouped probes (:func:`_probed_gram`), L is
+    banded like G, and H = LᵀKL is formed from the blocks inside the bands. The bound is proven:
+
+    ‖BC‖² ≤ λ̄(H̃) + γ_{2m}‖L̃‖_F²‖|K̃|‖ + e_K‖L̃‖_F² + (‖K̃‖ + e_K)(e_G + d_G),
+
+    where G̃, K̃ are the computed Gram matrices (‖G̃ − G‖ ≤ e_G = γ_p‖|C|‖² + the symmetrisation,
+    likewise e_K), L̃L̃ᵀ = G̃ + ΔG with ‖ΔG‖ ≤ d_G = γ_{m+1}tr(G̃)/(1 − γ_{m+1}) (Demmel's bound
+    for a Cholesky that runs to completion), the γ_{2m} term bounds the rounding of H̃ = fl(L̃ᵀK̃L̃),
+    and λ̄ is :func:`~curvbound.runtime.certified.eigmax_bound`: G ⪯ L̃L̃ᵀ + (e_G + d_G)I (also
+    when a singular G̃ is factored as G̃ + δI, which only enlarges L̃L̃ᵀ) gives
+    K^½GK^½ ⪯ K^½L̃L̃ᵀK^½ + (e_G + d_G)K, and LᵀKL ⪯ L̃ᵀK̃L̃ + e_K·L̃ᵀL̃.
+    """
+    plan = _middle_plan(ops)
+    if plan is None:
+        return None
+    C, B, m, r_g, r_k, block, _ = plan
+    channels = C.out_shape[0]
+    abs_c, abs_b = C.abs_norm_bound(), B.abs_norm_bound()
+    if abs_c is None or abs_b is None:
+        return None
+    with exact_arithmetic(), torch.no_grad():
+        G = _probed_gram(C, "out", r_g)
+        K = _probed_gram(B, "in", r_k)
+        # position-major order: blocks of one row of the map (first spatial axis) are banded
+        perm = torch.arange(m).reshape(channels, -1).T.reshape(-1)
+        G, K = G[perm][:, perm], K[perm][:, perm]
+        bg, bk = r_g[0], r_k[0]
+        fro = lambda X: float(certified._frobenius_sq_upper(X).sqrt())  # noqa: E731
+        t_c = 2 * max(C.rounding_terms(), m) + 4
+        t_b = 2 * max(B.rounding_terms(), _numel(B.out_shape)) + 4
+        e_g = _gamma(t_c) * float(abs_c.double()) ** 2 + 1.01 * _U * fro(G)
+        e_k = _gamma(t_b) * float(abs_b.double()) ** 2 + 1.01 * _U * fro(K)
+        G = (G + G.T) * 0.5
+        K = (K + K.T) * 0.5
+        L, info = _banded_cholesky(G, block, bg)
+        if int(info) != 0:  # singular (more middle entries than inputs): factor G̃ + δI ⪰ G̃
+            G.diagonal().add_(2.0**-30 * float(torch.diagonal(G).max()))
+            L, info = _banded_cholesky(G, block, bg)
+        if int(info) != 0 or not torch.isfinite(L).all():
+            return None
+        d_g = _gamma(m + 1) * float(torch.diagonal(G).sum()) * (1 + 2 * _gamma(m)) \
+            / (1 - _gamma(m + 1))
+        KL = _banded_matmul(K, L, block, (bk, bk), (bg, 0))
+        H = _banded_matmul(L.T.contiguous(), KL, block, (0, bg), (bk + bg, bk))
+        band = bg + bk  # H = LᵀKL: L reaches bg blocks below, K bk either side
+        lam = certified.eigmax_bound(H, cholesky=lambda A: _banded_cholesky(A, block, band),
+                                     matmul=lambda X: _band_times(H, X, block, band))
+        if lam is None:
+            return None
+        fro_l = float(certified._frobenius_sq_upper(L))
+        abs_k = float(K.abs().sum(1).max()) * (1 + 2 * _gamma(m))
+        total = (float(lam) + _gamma(2 * m) * fro_l * abs_k + e_k * fro_l
+                 + (abs_k + e_k) * (e_g + d_g))
+        return certified.certify(math.sqrt(max(total, 0.0)))

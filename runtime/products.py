@@ -4,6 +4,9 @@
   products of a :class:`Segment` advance together, in **one batched power iteration**: each step is
   a single sweep of the segment's layers on a batch holding every product's iteration vector, and
   one backward pass (autograd gives Aᵀ). Certified mode materialises a product when that is cheap
+  (alone, or with every product ending at the same narrow layer in one backward sweep, whose Gram
+  matrices are proven by one Cholesky each), bounds two convolutions through the map between them
+  (:func:`~curvbound.runtime.conv_products.middle_product_norm`) or through their composed kernel,
   and otherwise takes the best split ‖A_i⋯A_{k+1}‖·‖A_k⋯A_j‖ of certified factors.
 - :class:`HadamardNorm`: ‖Â‖ for Â: v ↦ G·diag(v)·W, the vectorised-Jacobian constant of a block
   x ↦ G σ(W x + b) (theory §3 (c)): ‖Â‖² = λ_max((GᵀG) ∘ (WWᵀ)).
@@ -31,8 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .certified import certify, dense_norm, rounding_factor
-from .conv_products import admit, border_cost, conv_product_norm
+from .certified import certify, dense_norm, eigmax_bound, rounding_factor
+from .conv_products import admit, border_cost, conv_product_norm, middle_cost, middle_product_norm
 from .norms import Norm, Quantity, same_values
 from .operators import (
     MATERIALIZE_LIMIT,
@@ -69,10 +72,14 @@ PRODUCT_COST_LIMIT = 2e9
 #: A product of dense layers is multiplied out (float64 matmuls) up to this many multiply-adds.
 PRODUCT_DENSE_LIMIT = 4e9
 #: Products ending at one narrow layer (at most MATERIALIZE_LIMIT outputs) are materialised
-#: together from one backward sweep (:meth:`Segment.swept_norm`) up to this many multiply-adds ...
-SWEEP_COST_LIMIT = 3e10
+#: together from one backward sweep (:meth:`Segment.swept_norm`) up to this many multiply-adds
+#: (counted at the speed of a float64 convolution, see :data:`GEMM_SPEEDUP`) ...
+SWEEP_COST_LIMIT = 3e11
 #: ... and this many stored entries (float64) for all of them together.
-SWEEP_ENTRY_LIMIT = 1 << 26
+SWEEP_ENTRY_LIMIT = 1 << 27
+#: A float64 matrix product does about this many multiply-adds in the time a float64 convolution
+#: does one (measured on CPU: ~48 and ~10 GMAC/s); picks the cheaper way to form a Gram matrix.
+GEMM_SPEEDUP = 4.0
 #: The block norm ‖Â‖ is used when the hidden width m is at most this ...
 HADAMARD_HIDDEN_LIMIT = 2048
 #: ... and (except for the output block) its m×m Gram matrix costs at most this many
@@ -104,6 +111,58 @@ def apply_cost(op: LinearOperator) -> float:
     if isinstance(op, Conv):
         return float(_numel(op.out_shape) * op.weight()[0].numel())
     return float(_numel(op.in_shape) + _numel(op.out_shape))
+
+
+#: Gram matrices of the row sweep larger than this are bounded by
+#: :func:`~curvbound.runtime.certified.eigmax_bound` (one Cholesky), smaller ones by an eigensolver.
+_EIGMAX_FROM = 1024
+
+
+def _frobenius_sq(x: Tensor) -> Tensor:
+    """Upper bound on ‖x‖_F² (the float64 sum of squares inflated by its rounding)."""
+    n = x.numel() + 1
+    return (x * x).sum() * (1 + 2 * n * _U / (1 - n * _U))
+
+
+def _gram(A: Tensor, block: int = 1024) -> Tensor:
+    """A·Aᵀ from the blocks on and below the diagonal (mirrored): half the multiply-adds of a
+    plain product, each entry the same kind of p-term sum."""
+    n = A.shape[0]
+    G = torch.empty(n, n, dtype=A.dtype)
+    for i in range(0, n, block):
+        rows = A[i:i + block]
+        G[i:i + block, :i + block] = rows @ A[:i + block].T
+        G[:i, i:i + block] = G[i:i + block, :i].T
+    return G
+
+
+def _swept_value(part: tuple[Tensor, Tensor], route: tuple[str, float], gamma: float,
+                 abs_bound: Tensor) -> Tensor | None:
+    """Certified ‖T‖ (T = A_i⋯A_k) from what the sweep computed (:meth:`Segment._sweep_rows`).
+
+    The rows R̃ satisfy ‖T − R̃‖ ≤ e₁ = 2γ·Π‖|A|‖ (``abs_bound``; forward and adjoint sums).
+    "gemm": ‖T‖ ≤ ‖R̃‖ + e₁, ‖R̃‖ from its Gram matrix. "forward": M = fl(R̃Tᵀ) = R̃Tᵀ + E₂ with
+    ‖E₂‖ ≤ ‖E₂‖_F ≤ γ·Π‖|A|‖·‖R̃‖_F (each column is T applied to a row of R̃), and
+    TTᵀ = sym(M) − sym(E₂) − sym(E₁Tᵀ), so σ = ‖T‖ satisfies σ² ≤ λ + e₂ + e₁σ with
+    λ ≥ λ_max(sym M), hence σ ≤ e₁ + √(λ + e₂).
+    """
+    M, frob = part
+    e1 = 2 * gamma * abs_bound
+    if route[0] == "gemm":
+        if min(M.shape) <= _EIGMAX_FROM:
+            return dense_norm(M) + e1
+        A = M if M.shape[0] <= M.shape[1] else M.T
+        lam = eigmax_bound(_gram(A))
+        if lam is None:
+            return None
+        n = A.shape[1]
+        lam = lam + (n * _U / (1 - n * _U)) * frob
+        return certify(torch.sqrt(lam.clamp_min(0)) + e1)
+    lam = eigmax_bound(M)
+    if lam is None:
+        return None
+    e2 = gamma * abs_bound * torch.sqrt(frob)
+    return certify(torch.sqrt((lam + e2).clamp_min(0)) + e1)
 
 
 def single_core(op: LinearOperator) -> bool:
@@ -280,15 +339,16 @@ class Segment:
             for j0 in starts:  # the longest run of products that fits and contains j
                 if j0 > j:
                     return None
-                entries = n_out * sum(_numel(ops[k].in_shape) for k in starts if j0 <= k <= i)
+                entries = self._sweep_entries(j0, i, starts)
                 if (self._sweep_cost(j0, i, starts) <= SWEEP_COST_LIMIT
                         and entries <= SWEEP_ENTRY_LIMIT):
                     break
             else:  # not even the product of j fits
                 return None
             wanted = [k for k in starts if j0 <= k <= i]
+            routes = {k: self._gram_route(k, i) for k in wanted}
             try:
-                rows = self._sweep_rows(j0, i, wanted)
+                parts = self._sweep_rows(j0, i, wanted, routes)
             except RuntimeError:  # e.g. a user function fixed to float32: the per-product paths
                 return None
             values: dict[int, Tensor] = {}
@@ -299,25 +359,53 @@ class Segment:
                     break
                 terms += max(op.rounding_terms(), _numel(op.out_shape))
                 abs_bound = abs_bound * factor.detach().double()
-                if k in rows:
+                if k in parts:
                     p = 2 * terms + 4
                     gamma = p * _U / (1 - p * _U)
-                    values[k] = dense_norm(rows[k]) + 2 * gamma * abs_bound
+                    value = _swept_value(parts[k], routes[k], gamma, abs_bound)
+                    if value is not None:
+                        values[k] = value
             self._swept[i] = ([t.clone() for t in current], values)
             return values.get(j)
 
+    def _gram_route(self, k: int, i: int) -> tuple[str, float]:
+        """How the sweep forms the Gram matrix of A_i⋯A_k, and its cost in convolution
+        multiply-adds: "gemm" (the stored rows times their transpose, on the smaller side) or
+        "forward" (A_i⋯A_k applied to each row: n_out columns of T·R̃ᵀ, never storing R̃)."""
+        n_out, n = _numel(self.ops[i].out_shape), _numel(self.ops[k].in_shape)
+        gemm = min(n, n_out) ** 2 * max(n, n_out) / GEMM_SPEEDUP
+        forward = n_out * sum(apply_cost(self.ops[m]) for m in range(k, i + 1))
+        m = min(n, n_out)
+        eig = m**3 / 8 if m > _EIGMAX_FROM else m**3 / 3  # one Cholesky (or a dense eigensolver)
+        if n > n_out and forward < gemm:
+            return "forward", forward + eig
+        return "gemm", gemm + eig
+
     def _sweep_cost(self, j0: int, i: int, starts: list[int]) -> float:
-        """Multiply-adds of a sweep from layer j0 to i: the backward passes and the Gram matrices
-        of the norms (min(n_out, n_in)²·max(n_out, n_in) per product)."""
+        """Convolution multiply-adds of a sweep from layer j0 to i: the backward passes and the
+        Gram matrices of the norms (:meth:`_gram_route`)."""
         n_out = _numel(self.ops[i].out_shape)
         sweep = n_out * sum(apply_cost(self.ops[k]) for k in range(j0, i + 1))
-        sizes = [_numel(self.ops[k].in_shape) for k in starts if j0 <= k <= i]
-        return sweep + sum(min(n, n_out) ** 2 * max(n, n_out) for n in sizes)
+        return sweep + sum(self._gram_route(k, i)[1] for k in starts if j0 <= k <= i)
 
-    def _sweep_rows(self, j0: int, i: int, wanted: list[int]) -> dict[int, Tensor]:
-        """{k: the (n_out, n_in_k) matrix of A_i⋯A_k} for k in ``wanted``, in float64, from
-        backward passes seeded with the unit vectors at the output of A_i (in chunks, batched
-        over one forward pass of a zero input: the maps are linear)."""
+    def _sweep_entries(self, j0: int, i: int, starts: list[int]) -> int:
+        """float64 entries the sweep stores: the rows of "gemm" products, the n_out² Gram
+        matrices of "forward" ones."""
+        n_out = _numel(self.ops[i].out_shape)
+        total = 0
+        for k in starts:
+            if j0 <= k <= i:
+                route = self._gram_route(k, i)[0]
+                total += n_out * (n_out if route == "forward" else _numel(self.ops[k].in_shape))
+        return total
+
+    def _sweep_rows(self, j0: int, i: int, wanted: list[int],
+                    routes: dict[int, tuple[str, float]]) -> dict[int, tuple[Tensor, Tensor]]:
+        """{k: (M, ‖R̃‖_F² bound)} for k in ``wanted``, in float64, from backward passes seeded
+        with the unit vectors at the output of A_i (in chunks, batched over one forward pass of a
+        zero input: the maps are linear), R̃ the computed (n_out, n_in_k) matrix of A_i⋯A_k. M is R̃
+        itself for a "gemm" route, and fl(R̃·(A_i⋯A_k)ᵀ) (each row of R̃ pushed through the layers
+        k..i, chunk by chunk) for a "forward" route."""
         ops = self.ops
         n_out = _numel(ops[i].out_shape)
         ref = [t for k in range(j0, i + 1) for t in ops[k].tensors()]
@@ -325,6 +413,7 @@ class Segment:
         width = max(_numel(ops[k].in_shape) for k in range(j0, i + 1))
         chunk = max(1, min(n_out, (1 << 22) // max(width, 1)))
         parts: dict[int, list[Tensor]] = {k: [] for k in wanted}
+        frob = {k: torch.zeros((), dtype=torch.float64) for k in wanted}
         with torch.enable_grad():  # one forward pass; the backward is batched over the seeds
             x = torch.zeros(1, *ops[j0].in_shape, dtype=torch.float64, device=device,
                             requires_grad=True)
@@ -343,8 +432,16 @@ class Segment:
                 for k, g in zip(wanted, grads):
                     if g is None:
                         g = torch.zeros(b, *ops[k].in_shape, dtype=torch.float64, device=device)
-                    parts[k].append(g.detach().reshape(b, -1).double())
-        return {k: torch.cat(v) for k, v in parts.items()}
+                    g = g.detach().double()
+                    frob[k] = frob[k] + _frobenius_sq(g)
+                    if routes[k][0] == "forward":
+                        with torch.no_grad():
+                            out = g.reshape(b, *ops[k].in_shape)
+                            for m in range(k, i + 1):
+                                out = ops[m].apply(out)
+                        g = out
+                    parts[k].append(g.reshape(b, -1))
+        return {k: (torch.cat(v), frob[k]) for k, v in parts.items()}
 
     def add(self, member: ProductNorm, own: bool = True) -> ProductNorm:
         """Register a product quantity (``own``: stepped by this segment's batched iteration)."""
@@ -535,6 +632,16 @@ class ProductNorm(Norm):
             swept = certify(swept.double())
             self.note = "materialised in one backward sweep with the products ending at its layer"
             return swept if value is None else torch.minimum(value, swept)
+        if self.i == self.j + 1:  # two convolutions through the map between them
+            pair = self.segment.ops[self.j:self.i + 1]
+            if "_middle_admitted" not in self.__dict__:  # decided once, like the border part
+                cost = middle_cost(pair)
+                self._middle_admitted = cost is not None and admit(cost, "middle")
+            middle = middle_product_norm(pair) if self._middle_admitted else None
+            if middle is not None:
+                self.note = ("two convolutions through the map between them"
+                             " (runtime/conv_products.py)")
+                return middle if value is None else torch.minimum(value, middle)
         if value is not None:  # a structured bound: the best split into factors may still win
             try:
                 return torch.minimum(value, self._best_split())

@@ -280,12 +280,28 @@ def test_gram_difference_bound_is_certified_and_tight(m, k, kind):
         assert _inertia_certifies(G, k, 1.01 * exact, 1e-14)
 
 
-def test_products_ending_at_a_narrow_layer_are_materialised_in_one_sweep(monkeypatch):
+@pytest.mark.parametrize("speedup, eigmax_from", [(None, None), (1e-9, 0), (1e9, 0)])
+def test_products_ending_at_a_narrow_layer_are_materialised_in_one_sweep(monkeypatch, speedup,
+                                                                          eigmax_from):
     """With the per-product paths switched off, every LipLT product of a conv-conv-linear chain is
     certified from the shared backward sweep: equal to the exact norm of its own materialised
-    matrix (to the rounding margins), labelled, and recomputed when a weight changes in place."""
+    matrix (to the rounding margins), labelled, and recomputed when a weight changes in place;
+    also with the Gram matrices formed by pushing the rows forward (a tiny GEMM_SPEEDUP) or all
+    by matrix products, and bounded by one Cholesky (eigmax_bound) instead of an eigensolver."""
     from curvbound.runtime import conv_products, products
 
+    if speedup is not None:
+        monkeypatch.setattr(products, "GEMM_SPEEDUP", speedup)
+        monkeypatch.setattr(products, "_EIGMAX_FROM", eigmax_from)
+        routes = []
+        orig = products.Segment._gram_route
+
+        def spy(self, k, i):
+            out = orig(self, k, i)
+            routes.append(out[0])
+            return out
+
+        monkeypatch.setattr(products.Segment, "_gram_route", spy)
     monkeypatch.setattr(products, "PRODUCT_COST_LIMIT", 0.0)
     monkeypatch.setattr(products, "PRODUCT_DENSE_LIMIT", 0.0)
     monkeypatch.setattr(conv_products, "BORDER_COLUMNS_LIMIT", 0)
@@ -312,6 +328,99 @@ def test_products_ending_at_a_narrow_layer_are_materialised_in_one_sweep(monkeyp
     with torch.no_grad():
         model[2].weight.mul_(1.5)  # in place: the sweep's cache must notice
     assert check() >= 3
+    if speedup is not None:  # the route the parameters ask for was taken
+        assert ("forward" in routes) == (speedup < 1)
+
+
+@pytest.mark.parametrize("kind", ["psd", "indefinite", "clustered", "negative", "tiny"])
+def test_eigmax_bound_is_proven_above_the_top_eigenvalue(kind):
+    """eigmax_bound ≥ λ_max (float64 eigvalsh) and within 1e-4 of the spectrum's scale, for a
+    Wishart matrix, an indefinite one, a top cluster 1e-9 apart, a negative definite one and one
+    scaled to 1e-200; its gradient is that of λ_max (vvᵀ for a simple top eigenvalue)."""
+    from curvbound.runtime.certified import eigmax_bound
+
+    g = torch.Generator().manual_seed(7)
+    n = 1200
+    if kind == "clustered":
+        Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+        w = torch.linspace(0, 1, n, dtype=torch.float64)
+        w[-4:] = 1 - torch.arange(4, dtype=torch.float64) * 1e-9
+        S = (Q * w) @ Q.T
+    else:
+        A = torch.randn(n, n + 5, generator=g, dtype=torch.float64) / n**0.5
+        S = {"psd": A @ A.T, "indefinite": (A[:, :n] + A[:, :n].T) / 2,
+             "negative": -(A @ A.T), "tiny": 1e-200 * (A @ A.T)}[kind]
+    S = (S + S.T) / 2
+    exact = float(torch.linalg.eigvalsh(S)[-1])
+    scale = float(S.abs().max())
+    bound = float(eigmax_bound(S))
+    assert bound >= exact
+    assert bound <= exact + 1e-4 * scale
+    assert eigmax_bound(torch.full((3, 3), float("nan"))) is None
+    if kind == "psd":
+        H = S.clone().requires_grad_(True)
+        eigmax_bound(H).backward()
+        v = torch.linalg.eigh(S)[1][:, -1]
+        assert torch.allclose(H.grad, torch.outer(v, v), atol=1e-5)
+
+
+@pytest.mark.parametrize("a, b", [
+    ((2, 3, 4, 2, 1, (12, 12), 1), (3, 4, 3, 1, 1, 1)),   # stride 2 then 3×3
+    ((2, 3, 3, 1, 1, (6, 6), 1), (3, 2, 5, 1, 2, 1)),     # more middle entries than inputs
+    ((3, 2, 3, 1, 1, (10,), 1), (2, 3, 3, 2, 0, 1)),      # 1-D, strided second factor
+    ((2, 2, 3, 1, 0, (5, 7), 1), (2, 3, 3, 1, 1, 2)),     # valid conv, dilated second factor
+    ((2, 2, 3, 1, 1, (3, 4), 1), (2, 2, 5, 1, 2, 1)),     # map smaller than the probe period
+])
+def test_two_convolutions_through_the_middle_map(a, b):
+    """The probed Gram matrices CCᵀ and BᵀB equal the dense ones, and middle_product_norm ≥ the
+    exact norm of the zero-padded product (SVD of its matrix) and within 1e-6 of it; circular
+    padding is not covered."""
+    from curvbound.runtime import conv_products as cp
+
+    g = torch.Generator().manual_seed(sum(a[:3]) + sum(b[:3]))
+
+    def conv(c_in, c_out, k, s, p, shape, d, mode="zeros"):
+        w = torch.randn(c_out, c_in, *([k] * len(shape)), generator=g, dtype=torch.float64)
+        fn = torch.nn.functional.conv2d if len(shape) == 2 else torch.nn.functional.conv1d
+        out = tuple(fn(torch.zeros(1, c_in, *shape, dtype=torch.float64), w, None, s, p,
+                       d).shape[1:])
+        return Conv(lambda w=w: w, (c_in, *shape), out, stride=s, padding=p, dilation=d,
+                    groups=1, padding_mode=mode)
+
+    C = conv(*a)
+    B = conv(*b[:5], tuple(C.out_shape[1:]), b[5])
+    for side, op in (("out", C), ("in", B)):
+        M = _matrix(op)
+        ref = M @ M.T if side == "out" else M.T @ M
+        got = cp._probed_gram(op, side, cp._coupling_radius(op, side))
+        assert torch.allclose(got, ref.to(got.dtype), atol=1e-12 * float(ref.abs().max()))
+    exact = _sigma1(_matrix(Chain([C, B])))
+    bound = float(cp.middle_product_norm([C, B]))
+    assert exact <= bound <= exact * (1 + 1e-6)
+    wrap = conv(*a[:6], a[6], mode="circular")
+    assert cp.middle_product_norm([wrap, conv(*b[:5], tuple(wrap.out_shape[1:]), b[5])]) is None
+
+
+def test_banded_cholesky_matches_the_dense_factor():
+    """The block-banded Cholesky equals LAPACK's on a banded positive definite matrix (and keeps
+    its band), and reports a failed pivot on an indefinite one."""
+    from curvbound.runtime.conv_products import _banded_cholesky
+
+    g = torch.Generator().manual_seed(0)
+    n, block, band = 60, 8, 2
+    idx = torch.arange(n) // block
+    gap = idx[:, None] - idx[None, :]
+    mask = (gap.abs() <= band) & (gap >= 0)  # the lower band
+    M = torch.randn(n, n, generator=g, dtype=torch.float64) * ((gap >= 0) & (gap <= 1))
+    M = M + 5 * torch.eye(n, dtype=torch.float64)
+    S = M @ M.T  # block bandwidth 2
+    L, info = _banded_cholesky(S, block, band)
+    assert int(info) == 0
+    assert torch.allclose(L, torch.linalg.cholesky(S), atol=1e-10)
+    assert not L[~mask].any()
+    top = float(torch.linalg.eigvalsh(S)[-1])
+    shifted = S - (top / 2) * torch.eye(n, dtype=torch.float64)
+    assert int(_banded_cholesky(shifted, block, band)[1]) != 0
 
 
 def test_border_budget_admits_in_order_and_the_decision_sticks(monkeypatch):
@@ -343,3 +452,34 @@ def test_border_budget_admits_in_order_and_the_decision_sticks(monkeypatch):
             assert float(admitted.certified_norm()) >= exact
             assert not conv_products.admit(cost)  # what is left is too little for another
         assert float(admitted.certified_norm()) >= exact
+
+
+def test_middle_map_pair_draws_on_its_own_budget(monkeypatch):
+    """In a compiled network a pair of convolutions is certified through its middle map when the
+    middle budget admits it (and then within 1e-6 of the exact norm), falls back when it does not,
+    and the border parts' budget is left to them."""
+    from curvbound.runtime import conv_products, products
+
+    monkeypatch.setattr(products, "PRODUCT_COST_LIMIT", 0.0)
+    monkeypatch.setattr(products, "SWEEP_COST_LIMIT", 0.0)
+    monkeypatch.setattr(conv_products, "MIDDLE_FREE", 0)
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(2, 3, 4, stride=2, padding=1), nn.Tanh(),
+                          nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 3))
+    x = torch.zeros(1, 2, 12, 12)
+
+    def pair(budget):
+        monkeypatch.setattr(conv_products, "MIDDLE_BUDGET", budget)
+        bf = curvbound.compile(model, x, norms="certified")
+        (q,) = [q for q in bf.quantities.values()
+                if isinstance(q, products.ProductNorm) and q.i == q.j + 1
+                and all(isinstance(o, Conv) for o in q.op.ops)]
+        return float(q()), getattr(q, "note", ""), _sigma1(_matrix(q.op))
+
+    value, note, exact = pair(1e15)
+    assert "map between them" in note
+    assert exact <= value <= exact * (1 + 1e-6)
+    value, note, exact = pair(0.0)
+    assert "map between them" not in note
+    assert value >= exact
