@@ -351,8 +351,8 @@ MIDDLE_LIMIT = 8192
 MIDDLE_PROBES_LIMIT = 4096
 #: Middle maps up to this many entries are always admitted; larger ones draw their cost
 #: (:func:`middle_cost`) on a budget of MIDDLE_BUDGET multiply-adds per compile
-#: (:func:`border_budget`; separate from the border parts', so that it never takes their place:
-#: the two bounds are combined by their minimum).
+#: (:func:`border_budget`; separate from the border parts', so that it never takes their place).
+#: It is tried only for pairs without a composed-kernel bound (over the border limits).
 MIDDLE_FREE = 4096
 MIDDLE_BUDGET = 2e11
 

@@ -455,11 +455,12 @@ def test_border_budget_admits_in_order_and_the_decision_sticks(monkeypatch):
 
 
 def test_middle_map_pair_draws_on_its_own_budget(monkeypatch):
-    """In a compiled network a pair of convolutions is certified through its middle map when the
-    middle budget admits it (and then within 1e-6 of the exact norm), falls back when it does not,
-    and the border parts' budget is left to them."""
+    """In a compiled network a pair of convolutions without a composed-kernel bound is certified
+    through its middle map when the middle budget admits it (and then within 1e-6 of the exact
+    norm), and falls back to certified factors when it does not."""
     from curvbound.runtime import conv_products, products
 
+    monkeypatch.setattr(conv_products, "BORDER_COLUMNS_LIMIT", 0)
     monkeypatch.setattr(products, "PRODUCT_COST_LIMIT", 0.0)
     monkeypatch.setattr(products, "SWEEP_COST_LIMIT", 0.0)
     monkeypatch.setattr(conv_products, "MIDDLE_FREE", 0)
