@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .certified import certify, dense_norm, eigmax_bound, rounding_factor
+from .certified import _frobenius_sq_upper, certify, dense_norm, eigmax_bound, rounding_factor
 from .conv_products import admit, border_cost, conv_product_norm, middle_cost, middle_product_norm
 from .norms import Norm, Quantity, same_values
 from .operators import (
@@ -118,12 +118,6 @@ def apply_cost(op: LinearOperator) -> float:
 _EIGMAX_FROM = 1024
 
 
-def _frobenius_sq(x: Tensor) -> Tensor:
-    """Upper bound on ‖x‖_F² (the float64 sum of squares inflated by its rounding)."""
-    n = x.numel() + 1
-    return (x * x).sum() * (1 + 2 * n * _U / (1 - n * _U))
-
-
 def _gram(A: Tensor, block: int = 1024) -> Tensor:
     """A·Aᵀ from the blocks on and below the diagonal (mirrored): half the multiply-adds of a
     plain product, each entry the same kind of p-term sum."""
@@ -156,7 +150,7 @@ def _swept_value(part: tuple[Tensor, Tensor], route: tuple[str, float], gamma: f
         if lam is None:
             return None
         n = A.shape[1]
-        lam = lam + (n * _U / (1 - n * _U)) * frob
+        lam = lam + _gamma(n) * frob
         return certify(torch.sqrt(lam.clamp_min(0)) + e1)
     lam = eigmax_bound(M)
     if lam is None:
@@ -433,7 +427,7 @@ class Segment:
                     if g is None:
                         g = torch.zeros(b, *ops[k].in_shape, dtype=torch.float64, device=device)
                     g = g.detach().double()
-                    frob[k] = frob[k] + _frobenius_sq(g)
+                    frob[k] = frob[k] + _frobenius_sq_upper(g)
                     if routes[k][0] == "forward":
                         with torch.no_grad():
                             out = g.reshape(b, *ops[k].in_shape)
