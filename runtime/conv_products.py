@@ -390,14 +390,14 @@ def _probed_gram(conv: Conv, side: str, radius: tuple[int, ...]) -> Tensor:
     x = torch.zeros(1, *conv.in_shape, dtype=dtype, requires_grad=True)
     with torch.enable_grad():
         y = conv.apply(x)
+    r_t, per = torch.tensor(radius)[:, None], torch.tensor(period)[:, None]
+    whole = torch.tensor([p == n for p, n in zip(period, grid)])  # one seed on the axis
     for colour in torch.cartesian_prod(*[torch.arange(p) for p in period]).reshape(-1, len(grid)):
         # owner of each position q: the seed p ≡ colour (mod period) with |p − q| ≤ r per axis
-        r_t, per = torch.tensor(radius)[:, None], torch.tensor(period)[:, None]
         owner = pos + ((colour[:, None] - pos + r_t) % per) - r_t
-        whole = torch.tensor([p == n for p, n in zip(period, grid)])  # one seed on the axis
         owner = torch.where(whole[:, None], colour[:, None].expand_as(owner), owner)
         valid = ((owner >= 0) & (owner < torch.tensor(grid)[:, None])).all(0)
-        seeded = (pos - colour[:, None]) % torch.tensor(period)[:, None] == 0
+        seeded = (pos - colour[:, None]) % per == 0
         seeds = torch.zeros(c, c, *grid, dtype=dtype)
         spot = seeded.all(0).reshape(grid)
         for ch in range(c):
@@ -484,7 +484,8 @@ def _banded_cholesky(A: Tensor, block: int, band: int) -> tuple[Tensor, Tensor]:
 
 
 def _middle_plan(ops: list[LinearOperator]):
-    """(C, B, m, r_G, r_K, block) when :func:`middle_product_norm` covers ``ops``, else None."""
+    """(C, B, m, r_G, r_K, block, probes) when :func:`middle_product_norm` covers ``ops``, else
+    None."""
     if len(ops) != 2 or not all(isinstance(o, Conv) for o in ops):
         return None
     C, B = ops
